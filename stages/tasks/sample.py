@@ -1,0 +1,38 @@
+"""What every task loader returns: one question (or one image to caption) with its references."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+from stages.errors import UserError
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One query of a task.
+
+    id: the data set's own id as a string (VQA question_id, COCO image id for captions).
+    image: a file path (str) or encoded image bytes (HF datasets keep PNG/JPEG bytes).
+    question: the question text; None for captioning.
+    answers: VQA: the 10 annotator answers, in file order; captions: the reference captions.
+    """
+
+    id: str
+    image: str | bytes
+    question: str | None
+    answers: tuple[str, ...]
+
+    def load_image(self) -> Image.Image:
+        """Decode the image as RGB; a missing, empty or corrupt file is a UserError naming it."""
+        where = self.image if isinstance(self.image, str) else f"<bytes of sample {self.id}>"
+        try:
+            src = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
+            with Image.open(src) as im:
+                im.load()
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {where} (sample {self.id})") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserError(f"image is truncated or corrupt: {where} (sample {self.id}): {e}") from None

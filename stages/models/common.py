@@ -15,7 +15,7 @@ class Dims:
     d_model: int
 
 
-def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left padding keeps every row's last token at the last position, which generation and span slicing rely on."""
     t = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), t), pad_id, dtype=torch.long)
@@ -24,4 +24,7 @@ def left_pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
         if row:
             input_ids[b, t - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[b, t - len(row):] = 1
-    return input_ids, attention_mask
+    # Positions count real tokens only: Mistral's forward would otherwise number the padding too, and a
+    # padded row would not equal the same row alone (generate() computes them the same way).
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids

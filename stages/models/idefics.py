@@ -43,7 +43,7 @@ def use_attention(model, name: str) -> None:
 
 def model_inputs(processor, ids: list[list[int]], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
     """Left-padded inputs as IdeficsProcessor builds them, for token ids that already hold `<image>` markers."""
-    input_ids, attention_mask = left_pad(ids, processor.tokenizer.pad_token_id)
+    input_ids, attention_mask, position_ids = left_pad(ids, processor.tokenizer.pad_token_id)
     n_max = max(1, max(len(row) for row in images))
     size = processor.image_processor.image_size
     pixel_values = torch.zeros(len(ids), n_max, 3, size, size)
@@ -52,5 +52,6 @@ def model_inputs(processor, ids: list[list[int]], images: list[list[Image.Image]
             pixel_values[b, : len(row)] = processor.image_processor(row, return_tensors="pt")  # a tensor here
     incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, processor.tokenizer, "pt")
     image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=n_max)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": pixel_values,
             "image_attention_mask": image_attention_mask}

@@ -39,8 +39,8 @@ def use_attention(model, name: str) -> None:
 
 def model_inputs(processor, ids: list[list[int]], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
     """Left-padded inputs for token ids that already hold the expanded image tokens."""
-    input_ids, attention_mask = left_pad(ids, processor.tokenizer.pad_token_id)
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    input_ids, attention_mask, position_ids = left_pad(ids, processor.tokenizer.pad_token_id)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if any(images):
         pixels = processor.image_processor(images, return_tensors="pt")
         inputs["pixel_values"] = pixels["pixel_values"]

@@ -1,0 +1,112 @@
+"""MimIC attention heads (METHOD.md §2), on every decoder self-attention of any family.
+
+Softmax attention over [ICDs; query] splits exactly (METHOD.md §1, seed Eq. 6):
+
+    SA(q, [K_D;K], [V_D;V]) = SA(q,K,V) + μ·(SA(q,K_D,V_D) − SA(q,K,V)),   μ = Z1 / (Z1 + Z2)
+
+A MimIC head keeps SA(q,K,V) and learns the rest: a shift vector v stands for the difference term
+and a linear f(q) for log Z1, so μ̃ = σ(f(q) − log Z2) = exp(f) / (exp(f) + Z2).
+
+The heads live outside the model. One attention function, registered with transformers' attention
+registry, runs the usual SDPA and adds μ̃·v for the modules that carry heads; every other module
+(vision encoder, perceiver, Idefics' gated cross-attention) passes through untouched.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "mimic"
+
+
+class MimicHeads(nn.Module):
+    """Per layer l and head h: shift v[l,h] ∈ R^d_h and f(q) = w[l,h]·q + b[l,h]."""
+
+    def __init__(self, n_layers: int, n_heads: int, head_dim: int, masked_log_z2: bool = True):
+        super().__init__()
+        self.shift_lhd = nn.Parameter(torch.randn(n_layers, n_heads, head_dim) * 1e-3)
+        self.weight_lhd = nn.Parameter(torch.randn(n_layers, n_heads, head_dim) * 0.02)
+        self.bias_lh = nn.Parameter(torch.zeros(n_layers, n_heads))
+        # Masked (the derivation) by default; unmasked reproduces the authors' code (METHOD.md §2).
+        self.masked_log_z2 = masked_log_z2
+
+    def layer_terms(self, layer: int, query_bhtd: torch.Tensor, attn_bhtd: torch.Tensor):
+        """(log Z1 stand-in f(q) [b,h,t], shift broadcastable to [b,h,t,d]) for one layer."""
+        w_hd, b_h, v_hd = self.weight_lhd[layer], self.bias_lh[layer], self.shift_lhd[layer]
+        f_bht = torch.einsum("bhtd,hd->bht", query_bhtd, w_hd.to(query_bhtd.dtype)) + b_h[None, :, None]
+        return f_bht, v_hd[None, :, None, :]
+
+
+def build_heads(n_layers: int, n_heads: int, head_dim: int, masked_log_z2: bool = True) -> MimicHeads:
+    return MimicHeads(n_layers, n_heads, head_dim, masked_log_z2)
+
+
+def log_z2(query_bhtd, key_bksd, attention_mask, scaling: float, masked: bool) -> torch.Tensor:
+    """log Σ_k exp(s·q·k) over the keys each query may attend to (causal + padding; the cache in generation)."""
+    n_rep = query_bhtd.shape[1] // key_bksd.shape[1]
+    key_bhsd = key_bksd.repeat_interleave(n_rep, dim=1)  # grouped-query attention: one key head serves n_rep query heads
+    acc = torch.promote_types(query_bhtd.dtype, torch.float32)  # half precision accumulates in fp32
+    scores_bhts = torch.einsum("bhtd,bhsd->bhts", query_bhtd.to(acc), key_bhsd.to(acc)) * scaling
+    if masked:
+        t, s = scores_bhts.shape[-2:]
+        if attention_mask is None:
+            # A purely causal batch may arrive without a mask (sdpa skips it); the queries are the last t keys.
+            attention_mask = torch.ones(t, s, dtype=torch.bool, device=scores_bhts.device).tril(s - t)
+        if attention_mask.dtype == torch.bool:
+            scores_bhts = scores_bhts.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores_bhts = scores_bhts + attention_mask.to(acc)
+    return torch.logsumexp(scores_bhts, dim=-1)
+
+
+def shifted_attention(attn_bhtd, query_bhtd, key_bksd, attention_mask, scaling, log_z1_bht, shift_bhtd, masked=True):
+    """SA(q,K,V) + μ̃·shift with μ̃ = σ(log Z1 − log Z2): the MimIC head with any stand-ins for log Z1 and the shift."""
+    log_z2_bht = log_z2(query_bhtd, key_bksd, attention_mask, scaling, masked)
+    mu_bht = torch.sigmoid(log_z1_bht.to(log_z2_bht.dtype) - log_z2_bht)
+    return attn_bhtd + (mu_bht.unsqueeze(-1) * shift_bhtd.to(mu_bht.dtype)).to(attn_bhtd.dtype)
+
+
+# module -> (heads, layer index). Weak keys: dropping a model drops its entries.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, tuple[object, int]]" = weakref.WeakKeyDictionary()
+
+
+def mimic_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Drop-in for transformers' SDPA attention: (B,H,T,D) q and (B,H_kv,S,D) k/v in, (B,T,H,D) out."""
+    out_bthd, weights = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, is_causal=is_causal, **kwargs)
+    attached = _ATTACHED.get(module)
+    if attached is None:
+        return out_bthd, weights
+    heads, layer = attached
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    attn_bhtd = out_bthd.transpose(1, 2)
+    log_z1_bht, shift = heads.layer_terms(layer, query, attn_bhtd)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask.expand(-1, query.shape[1], -1, -1)
+    shifted_bhtd = shifted_attention(attn_bhtd, query, key, mask, scaling, log_z1_bht, shift,
+                                     masked=getattr(heads, "masked_log_z2", True))
+    return shifted_bhtd.transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(ATTENTION_NAME, mimic_attention)
+# Without a mask function of its own a custom name gets attention_mask=None (toy_icl_findings.md, pitfall 4).
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attach(lm, heads) -> None:
+    """Put `heads` (MimicHeads, or any object with layer_terms) on every decoder self-attention of a loaded model."""
+    layers = lm.adapter.decoder_layers(lm.model)
+    for i, layer in enumerate(layers):
+        _ATTACHED[layer.self_attn] = (heads, i)
+    lm.adapter.use_attention(lm.model, ATTENTION_NAME)
+
+
+def detach(lm) -> None:
+    for layer in lm.adapter.decoder_layers(lm.model):
+        _ATTACHED.pop(layer.self_attn, None)

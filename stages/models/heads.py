@@ -110,3 +110,38 @@ def attach(lm, heads) -> None:
 def detach(lm) -> None:
     for layer in lm.adapter.decoder_layers(lm.model):
         _ATTACHED.pop(layer.self_attn, None)
+
+
+def save_heads(heads: MimicHeads, dpath: str, meta: dict) -> None:
+    """Weights as safetensors (never a pickle) and a JSON config with the shapes and where they came from."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(dpath, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in heads.state_dict().items()}
+    save_file(tensors, os.path.join(dpath, "heads.safetensors"))
+    n_layers, n_heads, head_dim = heads.shift_lhd.shape
+    config = {"n_layers": n_layers, "n_heads": n_heads, "head_dim": head_dim,
+              "masked_log_z2": heads.masked_log_z2, **meta}
+    with open(os.path.join(dpath, "heads.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_heads(dpath: str) -> tuple[MimicHeads, dict]:
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from stages.errors import UserError
+
+    config_fpath, weights_fpath = os.path.join(dpath, "heads.json"), os.path.join(dpath, "heads.safetensors")
+    if not (os.path.isfile(config_fpath) and os.path.isfile(weights_fpath)):
+        raise UserError(f"no MimIC heads in {dpath} (expected heads.json and heads.safetensors; "
+                        "train them with `pipeline run student`)")
+    config = json.load(open(config_fpath))
+    heads = build_heads(config["n_layers"], config["n_heads"], config["head_dim"], config["masked_log_z2"])
+    heads.load_state_dict(load_file(weights_fpath))
+    return heads, config

@@ -1,0 +1,228 @@
+"""The `pipeline` command: parse, configure, call a stage. Nothing else happens here."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not os.path.exists("/dev/nvidia0") else "cuda")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import click
+
+from pipeline.config import load_config
+from pipeline.defaults import resolve
+from stages.errors import UserError
+
+CONFIG = click.option("--config", "config_fpath", type=click.Path(dir_okay=False), help="YAML or TOML experiment config.")
+SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config field (repeatable).")
+DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
+
+
+def _config(config_fpath, overrides, **named):
+    """Config file, then --set, then the named options (those given)."""
+    extra = [f"{key}={value}" for key, value in named.items() if value is not None]
+    return resolve(load_config(config_fpath, [*overrides, *extra]))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """MimIC as a two-stage pipeline: a k-shot ICL teacher writes targets, a student trains MimIC heads.
+
+    \b
+    With no config, every command runs on the embedded default (a tiny Idefics2 and synthetic VQA):
+      pipeline run all
+    """
+
+
+@cli.group()
+def run():
+    """Run a stage (teacher, student) or all of teacher -> student -> eval."""
+
+
+@run.command("teacher")
+@CONFIG
+@SET
+@click.option("--shots", type=int, help="k, demonstrations per prompt (teacher.shots).")
+@click.option("--views", type=int, help="independent ICD draws per query (teacher.views).")
+@click.option("--num-queries", type=int, help="training queries N (task.num_queries).")
+@click.option("--store", help="store path or URL (teacher.store).")
+@click.option("--capture", type=click.Choice(["ffn", "attn"]), help="what to store per layer (teacher.capture).")
+@click.option("--rank", type=int, help="this job's rank, for independent jobs (teacher.rank).")
+@click.option("--world-size", type=int, help="number of independent jobs (teacher.world_size).")
+@DEBUG
+def run_teacher(config_fpath, overrides, shots, views, num_queries, store, capture, rank, world_size, debug):
+    """Run k-shot ICL on the frozen model and store each layer's outputs on the query + answer span.
+
+    \b
+    Example:
+      pipeline run teacher --shots 32
+      pipeline run teacher --config exp.yaml --rank 3 --world-size 8
+    """
+    from stages import teacher
+    cfg = _config(config_fpath, overrides, **{"teacher.shots": shots, "teacher.views": views,
+                  "task.num_queries": num_queries, "teacher.store": store, "teacher.capture": capture,
+                  "teacher.rank": rank, "teacher.world_size": world_size})
+    teacher.run(cfg)
+
+
+@run.command("student")
+@CONFIG
+@SET
+@click.option("--store", help="teacher store to train from (teacher.store).")
+@click.option("--shots", type=int, help="the shot count the store must have been made with (teacher.shots).")
+@click.option("--epochs", type=int, help="training epochs; 0 = the paper's rule (student.epochs).")
+@click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (student.zero_stage).")
+@DEBUG
+def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, debug):
+    """Train MimIC heads against a teacher store with DeepSpeed ZeRO.
+
+    \b
+    Example:
+      pipeline run student
+      pipeline run student --store runs/store-vqav2-32shot --zero-stage 3
+    """
+    from stages import student
+    cfg = _config(config_fpath, overrides, **{"teacher.store": store, "teacher.shots": shots,
+                  "student.epochs": epochs, "student.zero_stage": zero_stage})
+    student.run(cfg)
+
+
+@run.command("all")
+@CONFIG
+@SET
+@click.option("--shots", type=int, help="k for the teacher (teacher.shots).")
+@DEBUG
+def run_all(config_fpath, overrides, shots, debug):
+    """Teacher, then student, then zero-shot and MimIC evaluation.
+
+    \b
+    Example:
+      pipeline run all               # the embedded default
+      pipeline run all --shots 8 --config exp.yaml
+    """
+    from stages import evaluate, student, teacher
+    cfg = _config(config_fpath, overrides, **{"teacher.shots": shots})
+    teacher.run(cfg)
+    student.run(cfg)
+    for mode in ("zero-shot", "mimic"):
+        metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode}))
+        click.echo(json.dumps(metrics))
+
+
+@cli.command("eval")
+@CONFIG
+@SET
+@click.option("--mode", type=click.Choice(["zero-shot", "icl", "mimic"]), help="eval.mode")
+@click.option("--shots", type=int, help="k for icl (eval.shots).")
+@click.option("--heads", help="heads directory for mimic (eval.heads).")
+@click.option("--num-samples", type=int, help="evaluation queries; 0 = all (eval.num_samples).")
+@DEBUG
+def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, debug):
+    """Generate answers and score them (VQA accuracy or CIDEr); writes predictions.jsonl and metrics.json.
+
+    \b
+    Example:
+      pipeline eval --mode icl --shots 4
+      pipeline eval --mode mimic --heads runs/student-vqav2-32shot/heads
+    """
+    from stages import evaluate
+    cfg = _config(config_fpath, overrides, **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads,
+                  "eval.num_samples": num_samples})
+    metrics = evaluate.run(cfg)
+    click.echo(json.dumps(metrics))
+    click.echo(f"wrote {cfg.eval.out}/predictions.jsonl and metrics.json")
+
+
+@cli.command("make-model")
+@click.option("--family", type=click.Choice(["idefics", "idefics2"]), default="idefics2", show_default=True)
+@click.option("--out", "out_dpath", required=True, type=click.Path(file_okay=False))
+@click.option("--hidden", type=int, default=64, show_default=True, help="language model hidden size.")
+@click.option("--layers", type=int, default=4, show_default=True, help="decoder layers.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEBUG
+def make_model_cmd(family, out_dpath, hidden, layers, seed, debug):
+    """Write a small random-initialised checkpoint (config, weights, processor, tokenizer).
+
+    \b
+    Example:
+      pipeline make-model --family idefics2 --out models/tiny-idefics2
+    """
+    from stages.models.tiny import make_model
+    click.echo(make_model(family, out_dpath, seed=seed, hidden=hidden, layers=layers))
+
+
+@cli.command("make-data")
+@click.option("--out", "out_dpath", required=True, type=click.Path(file_okay=False))
+@click.option("--n-train", type=int, default=64, show_default=True)
+@click.option("--n-val", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@DEBUG
+def make_data_cmd(out_dpath, n_train, n_val, seed, debug):
+    """Write a synthetic data set in the official VQAv2, OK-VQA, COCO Karpathy and HF formats.
+
+    \b
+    Example:
+      pipeline make-data --out data/synthetic
+    """
+    from stages.tasks.synthetic import write_synthetic
+    write_synthetic(out_dpath, n_train=n_train, n_val=n_val, seed=seed)
+    click.echo(out_dpath)
+
+
+@cli.group()
+def cache():
+    """Inspect a teacher store."""
+
+
+@cache.command("info")
+@click.argument("path")
+@DEBUG
+def cache_info(path, debug):
+    """What is in a store: queries, shards, size, bytes per value, fingerprint fields.
+
+    \b
+    Example:
+      pipeline cache info runs/store-vqav2-32shot
+    """
+    from storage.inspection import info
+    click.echo(json.dumps(info(path), indent=2))
+
+
+@cache.command("verify")
+@click.argument("path")
+@DEBUG
+def cache_verify(path, debug):
+    """Check every shard: readable, shapes and offsets consistent, checksums matching.
+
+    \b
+    Example:
+      pipeline cache verify runs/store-vqav2-32shot
+    """
+    from storage.inspection import verify
+    problems = verify(path)
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise SystemExit(1)
+    click.echo(f"{path}: ok")
+
+
+def main() -> None:
+    from storage.errors import StoreError
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except (UserError, StoreError) as e:
+        if "--debug" in sys.argv:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

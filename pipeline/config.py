@@ -1,0 +1,198 @@
+"""The experiment config: one frozen dataclass per stage, every field documented, one validator.
+
+A YAML or TOML file and `--set section.field=value` overrides pass through `load_config`; unknown
+keys and wrong types are errors naming the key. The effective config is saved in each run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from stages.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""                 # checkpoint directory or hub id; "" = the embedded default (built on first use)
+    family: str = "auto"           # idefics | idefics2 | auto (read from config.json)
+    dtype: str = "float32"         # weights and compute: float32 | bfloat16 | float16 | float64
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "vqav2"            # vqav2 | okvqa | coco | hf-vqa | hf-caption
+    root: str = ""                 # data root (official files); "" = the embedded synthetic data
+    train_split: str = "train"     # split the training queries and the support set come from
+    eval_split: str = "val"        # split evaluation queries come from (never in a support set)
+    num_queries: int = 0           # training queries N (the first N of the split); 0 = all
+    answer: str = "most_common"    # target/ICD answer: most_common of the annotators | first (the authors' code)
+    support: str = "queries"       # ICD pool: queries (the N training queries, as the authors) | train (whole split)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    shots: int = 32                # k, in-context demonstrations per prompt
+    views: int = 1                 # V independent ICD draws per query; the student uses view (epoch mod V)
+    seed: int = 0                  # ICD sampler seed (with query id and view)
+    store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
+    capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
+    batch_size: int = 4            # prompts per forward
+    shard_size: int = 16           # queries per shard (the unit of writing, publishing and resume)
+    over_context: str = "refuse"   # k-shot prompt longer than the model's context: refuse (say the k that fits)
+    rank: int = -1                 # this process's rank; -1 = from the launcher's RANK
+    world_size: int = -1           # number of ranks; -1 = from WORLD_SIZE (1 if unset)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    out: str = ""                  # run directory for checkpoints, log and heads; "" = <run_dir>/student-<task>-<shots>shot
+    lr: float = 5e-3               # AdamW learning rate (seed §7.2)
+    weight_decay: float = 1e-3     # AdamW weight decay (seed Tab. 7)
+    warmup_ratio: float = 0.1      # fraction of optimiser steps with linear warm-up, then cosine decay
+    global_batch: int = 4          # sequences per optimiser step, whatever the world size
+    micro_batch: int = 2           # sequences per forward on one rank
+    epochs: int = 0                # 0 = 10 below 1000 training samples, else 5 (seed §7.2)
+    w_align: float = 1.0           # weight of L_align (MSE against the stored teacher outputs)
+    w_ce: float = 0.5              # weight of L_gt (language-model cross-entropy)
+    ce_on: str = "all"             # L_gt on: all (every non-pad span token, the authors) | answer
+    log_z2: str = "masked"         # masked (the derivation) | unmasked (the authors' code)
+    zero_stage: int = 2            # DeepSpeed ZeRO stage 0-3
+    clip: float = 1.0              # gradient clipping (global norm)
+    save_every: int = 50           # optimiser steps between DeepSpeed checkpoints (and at the end)
+    seed: int = 0                  # heads init and data order
+    shuffle_buffer: int = 64       # items in the reader's shuffle buffer
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    mode: str = "zero-shot"        # zero-shot | icl | mimic
+    shots: int = 4                 # k for icl
+    heads: str = ""                # heads directory for mimic; "" = the student's default output
+    num_samples: int = 0           # evaluation queries (first of the eval split); 0 = all
+    batch_size: int = 8            # prompts per generate call
+    num_beams: int = 3             # beam search width (METHOD.md §6)
+    seed: int = 0                  # ICD sampler seed for icl
+    out: str = ""                  # run directory; "" = <run_dir>/eval-<mode>-<task>
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: str = "runs"          # parent of every default output path
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    ("model", "family"): ("auto", "idefics", "idefics2"),
+    ("model", "dtype"): ("float32", "bfloat16", "float16", "float64"),
+    ("task", "answer"): ("most_common", "first"),
+    ("task", "support"): ("queries", "train"),
+    ("teacher", "capture"): ("ffn", "attn"),
+    ("teacher", "over_context"): ("refuse",),
+    ("student", "ce_on"): ("all", "answer"),
+    ("student", "log_z2"): ("masked", "unmasked"),
+    ("eval", "mode"): ("zero-shot", "icl", "mimic"),
+}
+
+
+def _coerce(where: str, value, typ):
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise UserError(f"config {where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(name: str, cls, values: dict):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise UserError(f"config: unknown key '{name}.{key}'; known keys: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in values.items()}
+    for (section, key), allowed in CHOICES.items():
+        if section == name and key in kwargs and kwargs[key] not in allowed:
+            raise UserError(f"config {name}.{key}: {kwargs[key]!r} is not one of {', '.join(allowed)}")
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> Config:
+    t, s = cfg.teacher, cfg.student
+    positive = {"teacher.views": t.views, "teacher.batch_size": t.batch_size, "teacher.shard_size": t.shard_size,
+                "student.global_batch": s.global_batch, "student.micro_batch": s.micro_batch,
+                "eval.batch_size": cfg.eval.batch_size, "eval.num_beams": cfg.eval.num_beams}
+    for key, value in positive.items():
+        if value < 1:
+            raise UserError(f"config {key}: must be at least 1, got {value}")
+    if t.shots < 1:
+        raise UserError(f"config teacher.shots: must be at least 1 (the teacher runs k-shot ICL), got {t.shots}")
+    if cfg.eval.shots < 0:
+        raise UserError(f"config eval.shots: must be 0 or more, got {cfg.eval.shots}")
+    if not 0 <= s.zero_stage <= 3:
+        raise UserError(f"config student.zero_stage: must be 0, 1, 2 or 3, got {s.zero_stage}")
+    return cfg
+
+
+def _read_file(fpath: str) -> dict:
+    if not os.path.isfile(fpath):
+        raise UserError(f"config file not found: {fpath}")
+    try:
+        with open(fpath, "rb") as f:
+            data = tomllib.load(f) if fpath.endswith(".toml") else yaml.safe_load(f)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"config file {fpath} does not parse: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {fpath}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(fpath: str | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then the file, then `section.key=value` overrides (values parsed as YAML scalars)."""
+    data = _read_file(fpath) if fpath else {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}': expected section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        if key == "run_dir":
+            data["run_dir"] = value
+            continue
+        if "." not in key:
+            raise UserError(f"override '{item}': expected section.key=value")
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise UserError(f"config: '{section}' must be a mapping")
+        data[section][name] = value
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, values in data.items():
+        if name == "run_dir":
+            kwargs["run_dir"] = _coerce("run_dir", values, str)
+        elif name not in sections:
+            raise UserError(f"config: unknown section '{name}'; known: {', '.join(sections)}")
+        elif not isinstance(values, dict):
+            raise UserError(f"config: section '{name}' must be a mapping, got {type(values).__name__}")
+        else:
+            kwargs[name] = _section(name, typing.get_type_hints(Config)[name], values)
+    return _check(Config(**kwargs))
+
+
+def save_config(cfg: Config, dpath: str) -> None:
+    os.makedirs(dpath, exist_ok=True)
+    with open(os.path.join(dpath, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)

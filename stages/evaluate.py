@@ -1,0 +1,88 @@
+"""Evaluation: zero-shot, k-shot ICL or MimIC generation, scored by VQA accuracy or CIDEr (METHOD.md §6)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from stages.errors import UserError
+from stages.models import load_model
+from stages.models.encode import encode
+from stages.models.heads import attach, load_heads
+from stages.tasks import get_task
+from stages.tasks.pools import eval_queries, support_set, training_queries
+from stages.tasks.prompts import build_prompt, reference_answer
+from stages.tasks.sampler import sample_icds
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+def cut_at_stop_words(text: str, stop_words: tuple[str, ...]) -> str:
+    ends = [i for i in (text.find(w) for w in stop_words) if i >= 0]
+    return (text[: min(ends)] if ends else text).strip()
+
+
+@torch.no_grad()
+def generate(lm, inputs: dict, *, max_new_tokens: int, stop_words: tuple[str, ...], num_beams: int) -> list[str]:
+    """Beam search, length penalty 0, then cut at the first stop word and strip (METHOD.md §6)."""
+    tok = lm.tokenizer
+    # generate() numbers positions from the attention mask itself, step by step.
+    inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+    out = lm.model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=0.0,
+                            do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [cut_at_stop_words(t, stop_words) for t in texts]
+
+
+def score(kind: str, task_name: str, predictions: dict[str, str], queries) -> dict:
+    from stages.metrics import cider, vqa_accuracy
+    if kind == "vqa":
+        per = [vqa_accuracy(predictions[q.id], list(q.answers), stem=task_name == "okvqa") for q in queries]
+        return {"vqa_accuracy": 100.0 * sum(per) / len(per)}
+    return {"cider": cider(predictions, {q.id: list(q.answers) for q in queries})}
+
+
+def run(cfg: "Config") -> dict:
+    ev, tc = cfg.eval, cfg.task
+    task = get_task(tc.name)
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    train = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    support = support_set(task, tc.root, tc.train_split, train, tc.support)
+    queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support)
+    by_id = {s.id: s for s in support}
+    if ev.mode == "mimic":
+        heads, _ = load_heads(ev.heads)
+        attach(lm, heads.to(lm.model.dtype))
+    shots = ev.shots if ev.mode == "icl" else 0
+    os.makedirs(ev.out, exist_ok=True)
+    with open(os.path.join(ev.out, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+
+    predictions: dict[str, str] = {}
+    for lo in tqdm(range(0, len(queries), ev.batch_size), desc=f"eval {ev.mode}", unit="batch"):
+        batch = queries[lo: lo + ev.batch_size]
+        prompts = []
+        for q in batch:
+            icd_ids = sample_icds([s.id for s in support], q.id, shots, seed=ev.seed, view=0)
+            icds = [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in icd_ids]
+            prompts.append(build_prompt(task.kind, ev.mode, q, icds))
+        enc = encode(lm, prompts, max_len=max_len)
+        texts = generate(lm, enc.inputs, max_new_tokens=task.max_new_tokens, stop_words=task.stop_words,
+                         num_beams=ev.num_beams)
+        predictions.update(zip((q.id for q in batch), texts))
+
+    metrics = {"task": tc.name, "mode": ev.mode, "shots": shots, "n": len(queries),
+               **score(task.kind, tc.name, predictions, queries)}
+    tmp = os.path.join(ev.out, "predictions.jsonl.tmp")
+    with open(tmp, "w") as f:
+        for q in queries:
+            f.write(json.dumps({"id": q.id, "prediction": predictions[q.id], "answers": list(q.answers)}) + "\n")
+    os.replace(tmp, os.path.join(ev.out, "predictions.jsonl"))
+    with open(os.path.join(ev.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics

@@ -1,0 +1,126 @@
+"""Stage one: k-shot ICL on the frozen model, storing every layer's output on the query + answer span.
+
+Data parallel by shard: shard boundaries depend only on the query list, each rank owns whole shards
+(`storage.manifest.shard_owner`), and a rerun with any world size skips published shards.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.dist import rank_and_world
+from stages.errors import UserError
+from stages.models import LoadedModel, load_model
+from stages.models.encode import encode
+from stages.tasks import get_task
+from stages.tasks.pools import support_set, training_queries
+from stages.tasks.prompts import build_prompt, instruction, reference_answer
+from stages.tasks.sampler import sample_icds
+from storage.manifest import FORMAT_VERSION, Manifest, shard_owner
+from storage.writer import Item, open_for_write
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+PROMPT_TEMPLATE = "seed-tab6/v1"  # bump when prompts.py changes what a prompt looks like
+
+
+def fingerprint_fields(cfg: "Config", lm: LoadedModel, kind: str) -> dict:
+    """Everything besides the query list that determines the stored targets (DESIGN.md, Store)."""
+    t, task = cfg.teacher, cfg.task
+    return {"model": lm.identity(), "dtype": cfg.model.dtype,
+            "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
+            "task": task.name, "split": task.train_split, "answer": task.answer, "support": task.support,
+            "shots": t.shots, "sampler": "uniform", "seed": t.seed, "span": "all", "capture": t.capture}
+
+
+def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
+    import deepspeed
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    if cfg.model.dtype == "float64":
+        raise UserError("the teacher stores float32, bfloat16 or float16 targets; set model.dtype to one of these")
+    # Data parallel only: each rank holds the whole model (tp_size 1), so no process group is needed.
+    engine = deepspeed.init_inference(lm.model, dtype=lm.model.dtype, replace_with_kernel_inject=False)
+    lm.model = engine.module
+    return lm, engine
+
+
+class SpanCapture:
+    """Forward hooks that keep, per decoder layer, the last `keep` positions of the MLP (or attention) output.
+
+    Only the query + answer span is kept: the k-shot context is most of the sequence and the
+    student never sees it (METHOD.md §3), so slicing in the hook bounds memory by the span.
+    """
+
+    def __init__(self, layers: list[torch.nn.Module], capture: str):
+        self.keep = 0
+        self.outputs: list[torch.Tensor | None] = [None] * len(layers)
+        modules = [layer.mlp if capture == "ffn" else layer.self_attn for layer in layers]
+        self.handles = [m.register_forward_hook(functools.partial(self._hook, i)) for i, m in enumerate(modules)]
+
+    def _hook(self, i, module, args, out):
+        out = out[0] if isinstance(out, tuple) else out  # self_attn returns (output, weights)
+        self.outputs[i] = out[:, -self.keep:].detach().clone()
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack(self.outputs, dim=2)  # [b, keep, l, d]
+
+
+def _largest_k_that_fits(n_tokens: int, n_span: int, shots: int, max_len: int) -> int:
+    per_icd = (n_tokens - n_span) / max(shots, 1)
+    return max(0, int((max_len - n_span) // per_icd)) if per_icd else shots
+
+
+def run(cfg: "Config") -> str:
+    t, tc = cfg.teacher, cfg.task
+    rank, world = rank_and_world(t.rank, t.world_size)
+    task = get_task(tc.name)
+    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    support = support_set(task, tc.root, tc.train_split, queries, tc.support)
+    by_id = {s.id: s for s in support} | {q.id: q for q in queries}
+    support_ids = [s.id for s in support]
+    sample_icds(support_ids, queries[0].id, t.shots, seed=t.seed, view=0)  # refuse an impossible k before loading
+    lm, engine = _load_teacher(cfg)
+    dims = lm.dims
+    manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
+                        t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype)
+    writer = open_for_write(t.store, manifest)
+    published = writer.published()
+    mine = [s for s in range(manifest.n_shards) if shard_owner(s, world) == rank and s not in published]
+    print(f"teacher rank {rank}/{world}: {len(mine)} of {manifest.n_shards} shards to write into {t.store} "
+          f"(fingerprint {manifest.fingerprint[:12]})")
+    load_image = functools.lru_cache(maxsize=4096)(lambda sid: by_id[sid].load_image())
+    max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
+    capture = SpanCapture(lm.adapter.decoder_layers(lm.model), t.capture)
+
+    for shard in tqdm(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
+        lo, hi = manifest.shard_bounds(shard)
+        jobs = [(q, v) for q in queries[lo:hi] for v in range(t.views)]  # query-major, view-minor
+        items = []
+        for b0 in range(0, len(jobs), t.batch_size):
+            batch = jobs[b0: b0 + t.batch_size]
+            icd_ids = [sample_icds(support_ids, q.id, t.shots, seed=t.seed, view=v) for q, v in batch]
+            prompts = [build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],
+                                    answer=reference_answer(q, tc.answer), load=lambda s: load_image(s.id))
+                       for (q, _), ids in zip(batch, icd_ids)]
+            enc = encode(lm, prompts)
+            n_tokens = enc.inputs["attention_mask"].sum(-1).tolist()
+            for n, n_span, (q, _) in zip(n_tokens, enc.span_lens, batch):
+                if max_len and n > max_len:
+                    k_fit = _largest_k_that_fits(n, n_span, t.shots, max_len)
+                    raise UserError(f"the {t.shots}-shot prompt of query {q.id} is {n} tokens, past the model's "
+                                    f"context of {max_len}; use --shots {k_fit} or fewer")
+            capture.keep = max(enc.span_lens)
+            with torch.inference_mode():
+                engine(**enc.inputs)
+            hidden_bkld = capture.stacked()
+            for row, ((q, v), ids, n) in enumerate(zip(batch, icd_ids, enc.span_lens)):
+                items.append(Item(q.id, v, np.asarray(enc.span_ids[row], dtype=np.int32),
+                                  hidden_bkld[row, -n:], tuple(ids)))
+        writer.write_shard(shard, items)
+    return t.store

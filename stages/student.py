@@ -1,0 +1,209 @@
+"""Stage two: train MimIC heads against a teacher store with DeepSpeed ZeRO (METHOD.md §4).
+
+The student never builds a k-shot sequence: its input is [BOS] + the stored span ids with the
+query's image, so its memory and step time do not depend on k.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from stages.dist import rank_and_world
+from stages.errors import UserError
+from stages.models import load_model
+from stages.models.encode import inputs_from_spans, tokenize
+from stages.models.heads import attach, build_heads, save_heads
+from stages.tasks import get_task
+from stages.tasks.pools import training_queries
+from stages.tasks.prompts import build_prompt
+from stages.teacher import fingerprint_fields
+from storage.errors import StoreMismatch
+from storage.reader import TargetReader
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+class Student(torch.nn.Module):
+    """The frozen base and the heads in one module, so DeepSpeed sees the heads as its parameters.
+
+    forward returns the logits and each decoder layer's MLP (or attention) output, captured by hooks.
+    """
+
+    def __init__(self, base, heads, layers, capture: str):
+        super().__init__()
+        self.base, self.heads = base, heads
+        self._outputs: list[torch.Tensor | None] = [None] * len(layers)
+        for i, layer in enumerate(layers):
+            module = layer.mlp if capture == "ffn" else layer.self_attn
+            module.register_forward_hook(lambda m, a, out, i=i: self._outputs.__setitem__(
+                i, out[0] if isinstance(out, tuple) else out))
+
+    def forward(self, **inputs):
+        logits = self.base(**inputs).logits
+        return logits, torch.stack(self._outputs, dim=2)  # [b, t, l, d]
+
+
+def losses(logits_btv, hidden_btld, target_btld, span_mask_bt, ce_mask_bt, input_ids_bt):
+    """L_align: MSE over layers, span tokens and dims (position j against position j); L_gt: next-token CE."""
+    n_values = span_mask_bt.sum() * hidden_btld.shape[2] * hidden_btld.shape[3]
+    sq = (hidden_btld.float() - target_btld.float()).pow(2) * span_mask_bt[:, :, None, None]
+    l_align = sq.sum() / n_values
+    ce_bt = torch.nn.functional.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), input_ids_bt[:, 1:],
+                                              reduction="none")
+    mask = ce_mask_bt[:, 1:].float()
+    l_gt = (ce_bt * mask).sum() / mask.sum().clamp(min=1)
+    return l_align, l_gt
+
+
+def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[str, ...], store: str, shots: int):
+    """Refuse a store made for another model, prompt, task, split or shot count: one line per field."""
+    wanted = dataclasses.replace(reader.manifest, fingerprint_fields=expected_fields, query_ids=query_ids)
+    lines = reader.manifest.diff(wanted)
+    if lines:
+        raise StoreMismatch(f"store {store} does not match this student's config:", lines,
+                            f"make a matching store with `pipeline run teacher --shots {shots} --store NEW_PATH`"
+                            " (same config), or point --store at one")
+
+
+def _init_distributed(world: int):
+    import deepspeed
+    if world == 1:  # a plain `pipeline run student`: a one-process group on a free port
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.cuda.is_available():
+        # gloo does the collectives on CPU; skip the 30 s JIT build of the shm op (cpu_setup.md §3.1).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, math.ceil(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _ds_config(s, micro: int, accumulation: int, dtype: str) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": s.clip, "zero_optimization": {"stage": s.zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"},
+            "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def run(cfg: "Config") -> str:
+    import deepspeed
+    s, tc = cfg.student, cfg.task
+    rank, world = rank_and_world()
+    micro = min(s.micro_batch, max(1, s.global_batch // world))
+    if s.global_batch % (micro * world):
+        raise UserError(f"student.global_batch {s.global_batch} is not a multiple of micro_batch x world size "
+                        f"({micro} x {world}); choose a global batch divisible by both")
+    accumulation = s.global_batch // (micro * world)
+    task = get_task(tc.name)
+    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    by_id = {q.id: q for q in queries}
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer)
+    check_store(reader, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), cfg.teacher.store,
+                cfg.teacher.shots)
+
+    _init_distributed(world)
+    torch.manual_seed(s.seed)
+    dims = lm.dims
+    heads = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, masked_log_z2=s.log_z2 == "masked")
+    attach(lm, heads)
+    model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
+    n_params = sum(p.numel() for p in heads.parameters())
+    epochs = s.epochs or (10 if len(reader) < 1000 else 5)
+    steps_per_epoch = len(reader) // s.global_batch
+    if steps_per_epoch == 0:
+        raise UserError(f"the store holds {len(reader)} items, fewer than one global batch of {s.global_batch}")
+    total = epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=list(heads.parameters()), optimizer=optimizer,
+        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=_ds_config(s, micro, accumulation, cfg.model.dtype))
+
+    ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
+    os.makedirs(s.out, exist_ok=True)
+    step = 0
+    if os.path.isfile(os.path.join(ckpt_dpath, "latest")):
+        _, client = engine.load_checkpoint(ckpt_dpath)
+        reader.load_state_dict(client["reader"])
+        step = client["step"]
+    if rank == 0:
+        with open(os.path.join(s.out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        print(f"student: {n_params:,} trainable parameters (MimIC heads: {dims.n_layers} layers x {dims.n_heads} heads "
+              f"x (2 x {dims.head_dim} + 1)); {epochs} epochs x {steps_per_epoch} steps, global batch "
+              f"{s.global_batch} = {micro} x {accumulation} accumulation x {world} ranks")
+    answer_starts = {}  # query id -> index in the span where the answer starts (for ce_on = answer)
+    if s.ce_on == "answer":
+        for q in queries:
+            ids, start = tokenize(lm, build_prompt(task.kind, "mimic", q, [], load=lambda _: None))
+            answer_starts[q.id] = len(ids) - start
+
+    log = open(log_fpath, "a") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
+    per_rank = s.global_batch // world
+    while step < total:
+        epoch, done = divmod(step, steps_per_epoch)
+        items = reader.epoch(epoch, start=done * s.global_batch)
+        for _ in range(steps_per_epoch - done):
+            batch = [next(items) for _ in range(s.global_batch)][rank * per_rank:(rank + 1) * per_rank]
+            sums = torch.zeros(3)
+            for m0 in range(0, per_rank, micro):
+                micro_items = batch[m0: m0 + micro]
+                inputs = inputs_from_spans(lm, [it.token_ids.tolist() for it in micro_items],
+                                           [[by_id[it.sample_id].load_image()] for it in micro_items])
+                t = inputs["input_ids"].shape[1]
+                target = torch.zeros(len(micro_items), t, dims.n_layers, dims.d_model)
+                span_mask = torch.zeros(len(micro_items), t)
+                ce_mask = inputs["attention_mask"].clone()
+                for b, it in enumerate(micro_items):
+                    n = it.hidden.shape[0]
+                    target[b, t - n:] = it.hidden.float()
+                    span_mask[b, t - n:] = 1
+                    if s.ce_on == "answer":
+                        ce_mask[b, : t - n + answer_starts[it.sample_id]] = 0
+                logits, hidden = engine(**inputs)
+                l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
+                loss = s.w_align * l_align + s.w_ce * l_gt
+                engine.backward(loss)
+                engine.step()
+                sums += torch.tensor([loss.item(), l_align.item(), l_gt.item()])
+            step += 1
+            record = dict(zip(("loss", "l_align", "l_gt"), (sums / accumulation).tolist()))
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+                record = dict(zip(("loss", "l_align", "l_gt"), (sums / (accumulation * world)).tolist()))
+            if log:
+                log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0]}) + "\n")
+                log.flush()
+            bar.update(1)
+            bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}")
+            if step % s.save_every == 0 or step == total:
+                engine.save_checkpoint(ckpt_dpath, tag=f"step{step}", client_state={"step": step, "reader": reader.state_dict()})
+    bar.close()
+    if rank == 0:
+        save_heads(heads, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],
+                                                        "store_fingerprint": reader.manifest.fingerprint})
+        print(f"heads written to {os.path.join(s.out, 'heads')}")
+    return s.out

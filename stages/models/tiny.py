@@ -42,7 +42,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         padding_side="left", extra_special_tokens=["<image>", "<fake_token_around_image>", "<end_of_utterance>"])
 
 
-def _idefics2(tok, hidden: int, layers: int):
+def _idefics2(tok, hidden: int, layers: int, init_std: float):
     from transformers import (Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessorPil,
                               Idefics2Processor)
     n_latents = 4
@@ -55,7 +55,7 @@ def _idefics2(tok, hidden: int, layers: int):
         text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=4096, sliding_window=None, pad_token_id=3, bos_token_id=1,
-                         eos_token_id=2, rms_norm_eps=1e-5))
+                         eos_token_id=2, rms_norm_eps=1e-5, initializer_range=init_std))
     model = Idefics2ForConditionalGeneration(config)
     # The perceiver latents are initialised to ones, which makes every image the same vector
     # (notes/toy_icl_findings.md, pitfall 1); a random model should see its images.
@@ -67,12 +67,12 @@ def _idefics2(tok, hidden: int, layers: int):
     return model, processor
 
 
-def _idefics(tok, hidden: int, layers: int):
+def _idefics(tok, hidden: int, layers: int, init_std: float):
     from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
     config = IdeficsConfig(
         vocab_size=len(tok), additional_vocab_size=0, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, cross_layer_interval=2, max_position_embeddings=4096,
-        use_resampler=True, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+        use_resampler=True, pad_token_id=3, bos_token_id=1, eos_token_id=2, initializer_range=init_std,
         alpha_initializer="ones",  # "normal" crashes in transformers 5.24 (cpu_setup.md §2.3)
         vision_config=dict(embed_dim=32, image_size=32, patch_size=16, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64),
@@ -86,13 +86,14 @@ def _idefics(tok, hidden: int, layers: int):
 BUILDERS = {"idefics": _idefics, "idefics2": _idefics2}
 
 
-def make_model(family: str, out_dpath: str, *, seed: int = 0, hidden: int = 64, layers: int = 4) -> str:
+def make_model(family: str, out_dpath: str, *, seed: int = 0, hidden: int = 64, layers: int = 4,
+               init_std: float = 0.02) -> str:
     """Write a random-initialised checkpoint of `family` (config, weights, processor, tokenizer) to out_dpath."""
     if family not in BUILDERS:
         raise UserError(f"unknown model family '{family}'; choose one of: {', '.join(sorted(BUILDERS))}")
     torch.manual_seed(seed)
     tok = build_tokenizer()
-    model, processor = BUILDERS[family](tok, hidden, layers)
+    model, processor = BUILDERS[family](tok, hidden, layers, init_std)
     # Written next to the target and renamed, so a crash never leaves a directory that looks complete.
     parent = os.path.dirname(os.path.abspath(out_dpath))
     os.makedirs(parent, exist_ok=True)

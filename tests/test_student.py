@@ -1,0 +1,95 @@
+"""The student end to end, as separate processes (DeepSpeed keeps process-global state)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+PIPELINE = [sys.executable, "-m", "pipeline.cli"]
+
+
+def _env(tmp):
+    return {**os.environ, "MIMIC_PIPELINE_HOME": str(tmp / "home"), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, model_dirs, data_root):
+    tmp = tmp_path_factory.mktemp("student")
+    common = ["--set", f"model.path={model_dirs['idefics2']}", "--set", f"task.root={data_root}",
+              "--set", f"run_dir={tmp}", "--set", "task.num_queries=16", "--set", "teacher.shard_size=4"]
+    out = subprocess.run(PIPELINE + ["run", "teacher", "--shots", "4", *common], env=_env(tmp),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return tmp, common + ["--shots", "4"]
+
+
+def _student(tmp, common, out, *extra, wait=True):
+    cmd = PIPELINE + ["run", "student", *common, "--set", f"student.out={out}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=_env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _heads(out):
+    return load_file(os.path.join(out, "heads", "heads.safetensors"))
+
+
+def test_student_trains_heads_and_logs_losses(setup):
+    tmp, common = setup
+    out = tmp / "plain"
+    result = _student(tmp, common, out)
+    assert "528 trainable parameters" in result.stdout  # 4 layers x 4 heads x (2 x 16 + 1)
+    rows = [json.loads(line) for line in open(out / "losses.jsonl")]
+    assert len(rows) == 10 * 16 // 4 and rows[-1]["step"] == 40
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    config = json.load(open(out / "heads" / "heads.json"))
+    assert (config["n_layers"], config["n_heads"], config["head_dim"]) == (4, 4, 16)
+
+
+def test_killed_student_resumes_to_identical_heads(setup):
+    tmp, common = setup
+    full = tmp / "full"
+    _student(tmp, common, full, "--set", "student.save_every=8")
+    killed = tmp / "killed"
+    proc = _student(tmp, common, killed, "--set", "student.save_every=8", wait=False)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the student finished before it could be killed"
+    assert not (killed / "heads").exists()
+    _student(tmp, common, killed, "--set", "student.save_every=8")
+    a, b = _heads(full), _heads(killed)
+    for name in a:
+        assert (a[name] == b[name]).all(), name
+
+
+def test_two_ranks_train_the_same_heads_as_one(setup):
+    tmp, common = setup
+    one, two = tmp / "one", tmp / "two"
+    _student(tmp, common, one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "pipeline.cli", "run", "student", *common, "--set", f"student.out={two}"]
+    result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _heads(one), _heads(two)
+    for name in a:  # the global batch is the same; only the order of float sums differs
+        assert (a[name] - b[name]).abs().max() < 1e-4, name
+
+
+def test_student_refuses_a_store_made_with_other_shots(setup):
+    tmp, common = setup
+    cmd = PIPELINE + ["run", "student", *common, "--shots", "8", "--set", f"teacher.store={tmp}/store-vqav2-4shot",
+                      "--set", f"student.out={tmp}/refused"]
+    result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "shots: store has 4, config has 8" in result.stderr
+    assert not (tmp / "refused" / "heads").exists()

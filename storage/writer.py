@@ -1,0 +1,166 @@
+"""Writing a target store: create-or-check the manifest, then write and publish whole shards.
+
+A shard's data goes to a fresh directory shards/<shard>-<random>/; the shard is published by one
+last atomic step, the exclusive creation of published/<shard>.json (PROTOCOL.md, "Writing and publishing").
+"""
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from storage import layout
+from storage._root import Root
+from storage.errors import StoreError
+from storage.manifest import Manifest, ensure_same
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Item:
+    """One (query, view) record.
+
+    sample_id: the query id. view: which of the V ICD draws (0 <= view < V).
+    token_ids: int32 [t], ids of the query + answer + EOS span.
+    hidden: [t, L, d] in the manifest dtype. The writer takes a torch tensor, or a numpy array
+        (uint16 bit patterns for bfloat16); readers always return a torch tensor.
+    icd_ids: ids of the in-context demonstrations of this view, in prompt order.
+    """
+
+    sample_id: str
+    view: int
+    token_ids: np.ndarray
+    hidden: np.ndarray | torch.Tensor
+    icd_ids: tuple[str, ...]
+
+
+def open_for_write(url: str, manifest: Manifest) -> StoreWriter:
+    """Open (creating if absent) the store at `url` for `manifest`.
+
+    Several ranks may call this at once: exactly one creates manifest.json, the others read it back.
+    A store whose fingerprint differs raises StoreMismatch with one line per differing field.
+    """
+    root = Root(url)
+    ours = {layout.MANIFEST, layout.PUBLISHED, layout.SHARDS}
+    if root.read(layout.MANIFEST) is None and (other := [n for n in root.listdir("") if n not in ours and n[0] != "."]):
+        raise StoreError(f"{url} is not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) and holds "
+                         "no store; choose a new or empty directory for the store")
+    root.makedirs()
+    root.makedirs(layout.PUBLISHED)
+    root.makedirs(layout.SHARDS)
+    if not root.create(layout.MANIFEST, manifest.to_json().encode("utf-8")):
+        ensure_same(layout.read_manifest(root), manifest, url,
+                    fix="Use another store path, or delete this store to rebuild it with the new configuration.")
+    return StoreWriter(root, manifest)
+
+
+class StoreWriter:
+    """Writes the shards of one store. Each shard must have exactly one writer (see shard_owner)."""
+
+    def __init__(self, root: Root, manifest: Manifest):
+        self.root = root
+        self.manifest = manifest
+
+    def published(self) -> set[int]:
+        """Shards already published (by any rank, in any earlier run)."""
+        markers, problems = layout.load_markers(self.root, self.manifest)
+        if problems:
+            raise StoreError(problems[0])
+        return set(markers)
+
+    def write_shard(self, shard: int, items: list[Item], skipped: dict[str, str] | None = None) -> bool:
+        """Write shard `shard` completely, then publish it. Returns False (and writes nothing) if the
+        shard was already published; a published shard is never overwritten.
+
+        items: exactly the shard's (query, view) pairs, query-major and view-minor, leaving out the
+        queries in `skipped` (query id -> reason, recorded in the shard's marker).
+        """
+        skipped = {str(k): str(v) for k, v in (skipped or {}).items()}
+        arrays = _shard_arrays(self.manifest, shard, items, skipped)
+        if self.root.read(layout.marker_rel(shard)) is not None:
+            return False
+        data_rel = f"{layout.SHARDS}/{layout.shard_name(shard)}-{secrets.token_hex(8)}"
+        try:
+            layout.write_arrays(self.root, data_rel, arrays, self.manifest.dtype)
+            self.root.fsync_tree(data_rel)
+        except OSError as e:
+            self.root.remove_tree(data_rel)
+            raise StoreError(f"cannot write shard {shard} to {self.root.url}/{data_rel}: {e.strerror or e}") from None
+        marker = layout.Marker(shard=shard, fingerprint=self.manifest.fingerprint, data=data_rel,
+                               tokens=len(arrays["token_ids"]), skipped=skipped,
+                               sha256={name: layout.checksum(arrays[name]) for name in layout.ARRAYS})
+        if not _publish(self.root, shard, marker):
+            self.root.remove_tree(data_rel)  # another writer published this shard first
+            return False
+        # Directories of earlier, interrupted attempts at this shard can never be published now.
+        for rel in layout.data_dirs(self.root, shard):
+            if rel != data_rel:
+                self.root.remove_tree(rel)
+        return True
+
+
+def _publish(root: Root, shard: int, marker: layout.Marker) -> bool:
+    """The one atomic step that makes a shard visible (a separate function so tests can fail it)."""
+    return root.create(layout.marker_rel(shard), marker.to_json())
+
+
+def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str, str]) -> dict[str, np.ndarray]:
+    """Check the items against the manifest and pack them into the shard arrays of PROTOCOL.md."""
+    lo, hi = m.shard_bounds(shard)
+    if unknown := sorted(set(skipped) - set(m.query_ids[lo:hi])):
+        raise ValueError(f"skipped ids {unknown[:5]} are not queries of shard {shard}")
+    want = [(q, v) for q in layout.kept_queries(m, shard, skipped) for v in range(m.views)]
+    got = [(str(it.sample_id), int(it.view)) for it in items]
+    if got != want:
+        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise ValueError(f"shard {shard} needs {len(want)} items (query-major, view-minor, skipped left out); "
+                         f"got {len(got)}, first difference at item {first}: "
+                         f"got {got[first] if first < len(got) else None}, expected {want[first] if first < len(want) else None}")
+    hidden, token_ids, icd_ids = [], [], []
+    for it in items:
+        ids = np.asarray(it.token_ids)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) == 0:
+            raise ValueError(f"item ({it.sample_id}, {it.view}): token_ids must be a non-empty 1-D integer array, "
+                             f"got shape {ids.shape} dtype {ids.dtype}")
+        h = _stored_values(it.hidden, m.dtype, f"item ({it.sample_id}, {it.view})")
+        if h.shape != (len(ids), m.n_layers, m.d_model):
+            raise ValueError(f"item ({it.sample_id}, {it.view}): hidden has shape {tuple(h.shape)}, "
+                             f"expected {(len(ids), m.n_layers, m.d_model)} [tokens, layers, d]")
+        hidden.append(h)
+        token_ids.append(ids.astype("<i4"))
+        icd_ids.append([str(c) for c in it.icd_ids])
+    lengths = [len(t) for t in token_ids]
+    stored = layout.STORED_DTYPE[m.dtype]
+    return {
+        "hidden": np.concatenate(hidden) if hidden else np.zeros((0, m.n_layers, m.d_model), stored),  # [T, L, d]
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype("<i8"),
+        "token_ids": np.concatenate(token_ids) if token_ids else np.zeros(0, "<i4"),
+        "sample_ids": np.array([q for q, _ in want], dtype=object),
+        "icd_offsets": np.concatenate([[0], np.cumsum([len(c) for c in icd_ids])]).astype("<i8"),
+        "icd_ids": np.array([c for cs in icd_ids for c in cs], dtype=object),
+    }
+
+
+def _stored_values(hidden, dtype: str, where: str) -> np.ndarray:
+    """The values as stored: the manifest dtype, bfloat16 as its uint16 bit pattern. No casting:
+    the dtype is part of the fingerprint, so a mismatch is a bug in the caller."""
+    # torch is looked up, not imported: if the caller never imported it, `hidden` is no tensor, and
+    # tools that only write numpy (or only inspect stores) do not pay torch's import time.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(hidden, torch.Tensor):
+        if hidden.dtype != getattr(torch, dtype):
+            raise ValueError(f"{where}: hidden is {hidden.dtype}, the store holds {dtype}")
+        hidden = hidden.detach().cpu().contiguous()
+        if dtype == "bfloat16":
+            return hidden.view(torch.int16).numpy().view(np.uint16).astype("<u2", copy=False)
+        return hidden.numpy().astype(layout.STORED_DTYPE[dtype], copy=False)
+    hidden = np.asarray(hidden)
+    if hidden.dtype.str[1:] != layout.STORED_DTYPE[dtype].str[1:]:  # same kind and size, any byte order
+        raise ValueError(f"{where}: hidden is numpy {hidden.dtype}, the store holds {dtype}"
+                         f"{' (pass a torch.bfloat16 tensor or its uint16 bits)' if dtype == 'bfloat16' else ''}")
+    return hidden.astype(layout.STORED_DTYPE[dtype], copy=False)

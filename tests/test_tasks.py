@@ -127,6 +127,13 @@ def test_hf_parquet_single_file_and_hub_layout(synth, tmp_path):
     assert len(load_hf(str(hub), "train")) == N_TRAIN
     with pytest.raises(UserError, match=r"no parquet files of split 'test'; it has: train, validation"):
         load_hf(str(hub), "test")
+    shards = tmp_path / "shards"  # a plain directory of parquet files is one split, read in name order
+    shards.mkdir()
+    dd["validation"].select(range(10)).to_parquet(str(shards / "part-0.parquet"))
+    dd["validation"].select(range(10, N_VAL)).to_parquet(str(shards / "part-1.parquet"))
+    assert load_hf(str(shards), "val") == expected
+    dd["validation"].save_to_disk(str(tmp_path / "dirs" / "val"))  # one save_to_disk Dataset per split directory
+    assert load_hf(str(tmp_path / "dirs"), "val") == expected
 
 
 def test_hf_plain_pyarrow_parquet_with_relative_paths(synth, tmp_path):

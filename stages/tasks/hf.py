@@ -135,7 +135,7 @@ def _to_samples(table: pa.Table, where: str) -> list[Sample]:
         seen.add(sid)
         if "question" in cols and (not isinstance(question, str) or not question.strip()):
             raise UserError(f"{where}: {id_col} {sid} has an empty question")
-        answers = tuple(r["answer"] if isinstance(r, dict) else r for r in ref or [])
+        answers = tuple(r.get("answer") if isinstance(r, dict) else r for r in ref or [])
         if not answers or not all(isinstance(a, str) for a in answers):
             raise UserError(f"{where}: {id_col} {sid} has no {refs_col} (expected a list of strings)")
         image = _image(image, base_dpath, where, sid)

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from stages.errors import UserError
 from stages.models import load_model
 from stages.models.encode import encode
 from stages.models.heads import attach, load_heads
@@ -49,10 +48,10 @@ def score(kind: str, task_name: str, predictions: dict[str, str], queries) -> di
 def run(cfg: "Config") -> dict:
     ev, tc = cfg.eval, cfg.task
     task = get_task(tc.name)
-    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
     train = training_queries(task, tc.root, tc.train_split, tc.num_queries)
     support = support_set(task, tc.root, tc.train_split, train, tc.support)
     queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support)
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
     by_id = {s.id: s for s in support}
     if ev.mode == "mimic":
         heads, _ = load_heads(ev.heads)

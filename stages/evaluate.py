@@ -52,10 +52,12 @@ def run(cfg: "Config") -> dict:
     support = support_set(task, tc.root, tc.train_split, train, tc.support)
     queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support)
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm.model.to(device)
     by_id = {s.id: s for s in support}
     if ev.mode == "mimic":
         heads, _ = load_heads(ev.heads)
-        attach(lm, heads.to(lm.model.dtype))
+        attach(lm, heads.to(device=device, dtype=lm.model.dtype))
     shots = ev.shots if ev.mode == "icl" else 0
     os.makedirs(ev.out, exist_ok=True)
     with open(os.path.join(ev.out, "config.json"), "w") as f:
@@ -71,7 +73,7 @@ def run(cfg: "Config") -> dict:
             icds = [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in icd_ids]
             prompts.append(build_prompt(task.kind, ev.mode, q, icds))
         enc = encode(lm, prompts, max_len=max_len)
-        texts = generate(lm, enc.inputs, max_new_tokens=task.max_new_tokens, stop_words=task.stop_words,
+        texts = generate(lm, {k: v.to(device) for k, v in enc.inputs.items()}, max_new_tokens=task.max_new_tokens, stop_words=task.stop_words,
                          num_beams=ev.num_beams)
         predictions.update(zip((q.id for q in batch), texts))
 

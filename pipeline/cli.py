@@ -17,12 +17,13 @@ from stages.errors import UserError
 CONFIG = click.option("--config", "config_fpath", type=click.Path(dir_okay=False), help="YAML or TOML experiment config.")
 SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config field (repeatable).")
 DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
+DRY_RUN = click.option("--dry-run", is_flag=True, help="Print the plan (ranks, shards, store, fingerprint, DeepSpeed); load no model.")
 
 
-def _config(config_fpath, overrides, **named):
+def _config(config_fpath, overrides, build_defaults=True, **named):
     """Config file, then --set, then the named options (those given)."""
     extra = [f"{key}={value}" for key, value in named.items() if value is not None]
-    return resolve(load_config(config_fpath, [*overrides, *extra]))
+    return resolve(load_config(config_fpath, [*overrides, *extra]), build_defaults=build_defaults)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,19 +51,23 @@ def run():
 @click.option("--capture", type=click.Choice(["ffn", "attn"]), help="what to store per layer (teacher.capture).")
 @click.option("--rank", type=int, help="this job's rank, for independent jobs (teacher.rank).")
 @click.option("--world-size", type=int, help="number of independent jobs (teacher.world_size).")
+@DRY_RUN
 @DEBUG
-def run_teacher(config_fpath, overrides, shots, views, num_queries, store, capture, rank, world_size, debug):
+def run_teacher(config_fpath, overrides, shots, views, num_queries, store, capture, rank, world_size, dry_run, debug):
     """Run k-shot ICL on the frozen model and store each layer's outputs on the query + answer span.
 
     \b
     Example:
       pipeline run teacher --shots 32
-      pipeline run teacher --config exp.yaml --rank 3 --world-size 8
+      pipeline run teacher --config exp.yaml --rank 3 --world-size 8 --dry-run
     """
-    from stages import teacher
-    cfg = _config(config_fpath, overrides, **{"teacher.shots": shots, "teacher.views": views,
+    cfg = _config(config_fpath, overrides, not dry_run, **{"teacher.shots": shots, "teacher.views": views,
                   "task.num_queries": num_queries, "teacher.store": store, "teacher.capture": capture,
                   "teacher.rank": rank, "teacher.world_size": world_size})
+    if dry_run:
+        from stages.plan import teacher_plan
+        return click.echo(json.dumps(teacher_plan(cfg), indent=2))
+    from stages import teacher
     teacher.run(cfg)
 
 
@@ -73,18 +78,23 @@ def run_teacher(config_fpath, overrides, shots, views, num_queries, store, captu
 @click.option("--shots", type=int, help="the shot count the store must have been made with (teacher.shots).")
 @click.option("--epochs", type=int, help="training epochs; 0 = the paper's rule (student.epochs).")
 @click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (student.zero_stage).")
+@DRY_RUN
 @DEBUG
-def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, debug):
+def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, dry_run, debug):
     """Train MimIC heads against a teacher store with DeepSpeed ZeRO.
 
     \b
     Example:
       pipeline run student
       pipeline run student --store runs/store-vqav2-32shot --zero-stage 3
+      WORLD_SIZE=8 RANK=0 pipeline run student --dry-run   # the plan for 8 ranks
     """
-    from stages import student
-    cfg = _config(config_fpath, overrides, **{"teacher.store": store, "teacher.shots": shots,
+    cfg = _config(config_fpath, overrides, not dry_run, **{"teacher.store": store, "teacher.shots": shots,
                   "student.epochs": epochs, "student.zero_stage": zero_stage})
+    if dry_run:
+        from stages.plan import student_plan
+        return click.echo(json.dumps(student_plan(cfg), indent=2))
+    from stages import student
     student.run(cfg)
 
 

@@ -29,8 +29,8 @@ def default_model_dpath() -> str:
 
 def default_data_dpath() -> str:
     dpath = os.path.join(cache_home(), "data", DEFAULT_DATA)
-    from stages.tasks.synthetic import write_synthetic
-    write_synthetic(dpath, n_train=64, n_val=32, seed=0)  # a no-op once complete
+    from stages.tasks.synthetic import DEFAULT_N_TRAIN, write_synthetic
+    write_synthetic(dpath, n_train=DEFAULT_N_TRAIN, n_val=32, seed=0)  # a no-op once complete
     return dpath
 
 

@@ -100,7 +100,16 @@ def _schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _ds_config(s, micro: int, accumulation: int, dtype: str) -> dict:
+def batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, int]:
+    """(micro batch per rank, accumulation steps) so that micro x accumulation x world = global_batch."""
+    micro = min(micro_batch, max(1, global_batch // world))
+    if global_batch % (micro * world):
+        raise UserError(f"student.global_batch {global_batch} is not a multiple of micro_batch x world size "
+                        f"({micro} x {world}); choose a global batch divisible by both")
+    return micro, global_batch // (micro * world)
+
+
+def ds_config(s, micro: int, accumulation: int, dtype: str) -> dict:
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
             "gradient_clipping": s.clip, "zero_optimization": {"stage": s.zero_stage},
             "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"},
@@ -111,11 +120,7 @@ def run(cfg: "Config") -> str:
     import deepspeed
     s, tc = cfg.student, cfg.task
     rank, world = rank_and_world()
-    micro = min(s.micro_batch, max(1, s.global_batch // world))
-    if s.global_batch % (micro * world):
-        raise UserError(f"student.global_batch {s.global_batch} is not a multiple of micro_batch x world size "
-                        f"({micro} x {world}); choose a global batch divisible by both")
-    accumulation = s.global_batch // (micro * world)
+    micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     task = get_task(tc.name)
     queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
     by_id = {q.id: q for q in queries}
@@ -139,7 +144,7 @@ def run(cfg: "Config") -> str:
     optimizer = torch.optim.AdamW(heads.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=list(heads.parameters()), optimizer=optimizer,
-        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=_ds_config(s, micro, accumulation, cfg.model.dtype))
+        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=ds_config(s, micro, accumulation, cfg.model.dtype))
 
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
     os.makedirs(s.out, exist_ok=True)
@@ -183,8 +188,11 @@ def run(cfg: "Config") -> str:
                     span_mask[b, t - n:] = 1
                     if s.ce_on == "answer":
                         ce_mask[b, : t - n + answer_starts[it.sample_id]] = 0
+                # DeepSpeed moved the model to the accelerator; the batch follows it.
+                inputs = {k: v.to(engine.device) for k, v in inputs.items()}
                 logits, hidden = engine(**inputs)
-                l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
+                l_align, l_gt = losses(logits, hidden, target.to(hidden), span_mask.to(hidden.device),
+                                       ce_mask.to(hidden.device), inputs["input_ids"])
                 loss = s.w_align * l_align + s.w_ce * l_gt
                 engine.backward(loss)
                 engine.step()

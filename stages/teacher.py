@@ -30,10 +30,14 @@ if TYPE_CHECKING:
 PROMPT_TEMPLATE = "seed-tab6/v1"  # bump when prompts.py changes what a prompt looks like
 
 
-def fingerprint_fields(cfg: "Config", lm: LoadedModel, kind: str) -> dict:
-    """Everything besides the query list that determines the stored targets (DESIGN.md, Store)."""
+def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict:
+    """Everything besides the query list that determines the stored targets (DESIGN.md, Store).
+
+    With lm None (a dry run) the model's identity, read from the loaded checkpoint, is a placeholder.
+    """
     t, task = cfg.teacher, cfg.task
-    return {"model": lm.identity(), "dtype": cfg.model.dtype,
+    model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path or 'the embedded default'}>"
+    return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
             "task": task.name, "split": task.train_split, "answer": task.answer, "support": task.support,
             "shots": t.shots, "sampler": "uniform", "seed": t.seed, "span": "all", "capture": t.capture}
@@ -97,6 +101,8 @@ def run(cfg: "Config") -> str:
     load_image = functools.lru_cache(maxsize=4096)(lambda sid: by_id[sid].load_image())
     max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     capture = SpanCapture(lm.adapter.decoder_layers(lm.model), t.capture)
+    # init_inference moved the model to the accelerator; the engine's forward does not move the inputs there.
+    device = next(lm.model.parameters()).device
 
     for shard in tqdm(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
         lo, hi = manifest.shard_bounds(shard)
@@ -117,7 +123,7 @@ def run(cfg: "Config") -> str:
                                     f"context of {max_len}; use --shots {k_fit} or fewer")
             capture.keep = max(enc.span_lens)
             with torch.inference_mode():
-                engine(**enc.inputs)
+                engine(**{k: v.to(device) for k, v in enc.inputs.items()})
             hidden_bkld = capture.stacked()
             for row, ((q, v), ids, n) in enumerate(zip(batch, icd_ids, enc.span_lens)):
                 items.append(Item(q.id, v, np.asarray(enc.span_ids[row], dtype=np.int32),

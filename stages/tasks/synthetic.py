@@ -35,6 +35,7 @@ from stages.errors import UserError
 
 MARKER = "synthetic.json"
 FORMAT_VERSION = 1  # bump when the content changes, so an old cached set is refused instead of silently reused
+DEFAULT_N_TRAIN = 64  # training samples of the embedded default set (pipeline/defaults.py)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
            "orange": (250, 140, 20), "purple": (160, 60, 210), "pink": (250, 130, 190), "white": (245, 245, 245)}
@@ -69,7 +70,7 @@ class _Scene:
         return f"COCO_{self.folder}2014_{self.image_id:012d}.jpg"
 
 
-def write_synthetic(root: str, *, n_train: int = 64, n_val: int = 32, seed: int = 0, image_size: int = 32) -> None:
+def write_synthetic(root: str, *, n_train: int = DEFAULT_N_TRAIN, n_val: int = 32, seed: int = 0, image_size: int = 32) -> None:
     """Write the data set to `root`; a no-op when a complete one with the same parameters is there.
 
     Everything is written into a temporary sibling that is renamed to `root` at the end, so a crash or a

@@ -1,0 +1,109 @@
+"""What `pipeline run teacher|student --dry-run` prints: the plan of a stage, loading no model.
+
+The shard arithmetic, the batch split and the DeepSpeed config come from the same functions the
+stages run, so a plan cannot drift from what a run does. The query count needs the task data; where
+it cannot be read here (an embedded default not built yet, a cluster path), the plan says so and
+uses what the config knows.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+from stages.dist import LAUNCHER_VARS, rank_and_world
+from stages.errors import UserError
+from stages.student import ds_config, batch_split
+from stages.tasks import get_task
+from stages.tasks.pools import training_queries
+from stages.tasks.synthetic import DEFAULT_N_TRAIN
+from stages.teacher import fingerprint_fields
+from storage.errors import StoreError
+from storage.inspection import info
+from storage.manifest import shard_owner
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+
+def _launcher(explicit: bool = False) -> str:
+    if explicit:
+        return "--rank/--world-size"
+    for rank_var, world_var in LAUNCHER_VARS:
+        if rank_var in os.environ and world_var in os.environ:
+            return f"{rank_var}/{world_var}"
+    return "none (rank 0 of 1)"
+
+
+def _queries(cfg: "Config") -> tuple[int | None, str]:
+    """(number of training queries or None, where the number comes from)."""
+    tc = cfg.task
+    if not tc.root:
+        if tc.num_queries > DEFAULT_N_TRAIN:
+            raise UserError(f"task.num_queries = {tc.num_queries} but the embedded set has {DEFAULT_N_TRAIN} training samples")
+        n = tc.num_queries or DEFAULT_N_TRAIN
+        return n, f"the embedded synthetic set ({DEFAULT_N_TRAIN} training samples; built on the first real run)"
+    try:
+        return len(training_queries(get_task(tc.name), tc.root, tc.train_split, tc.num_queries)), tc.root
+    except (UserError, OSError) as e:
+        if tc.num_queries:
+            return tc.num_queries, f"task.num_queries (the data at {tc.root} is not readable here: {e})"
+        return None, f"unknown: the data at {tc.root} is not readable here ({e}) and task.num_queries is 0"
+
+
+def _store(url: str) -> dict | None:
+    """The existing store's summary, or None when there is none yet."""
+    try:
+        return info(url)
+    except (StoreError, OSError):
+        return None
+
+
+def _model(cfg: "Config") -> dict:
+    return {"path": cfg.model.path or "the embedded default (a tiny Idefics2, built on the first real run)",
+            "family": cfg.model.family, "dtype": cfg.model.dtype}
+
+
+def teacher_plan(cfg: "Config") -> dict:
+    t = cfg.teacher
+    rank, world = rank_and_world(t.rank, t.world_size)
+    n_queries, data = _queries(cfg)
+    store = _store(t.store)
+    published = set(range(store["shards_total"])) - set(store["missing_shards"]) if store else set()
+    plan = {"stage": "teacher", "rank": rank, "world_size": world, "launcher": _launcher(t.rank >= 0), "model": _model(cfg),
+            "data": data, "queries": n_queries, "views": t.views, "shots": t.shots, "batch_size": t.batch_size,
+            "shard_size": t.shard_size, "store": t.store,
+            "store_state": f"{len(published)} of {store['shards_total']} shards published" if store else "new"}
+    if n_queries is not None:
+        n_shards = math.ceil(n_queries / t.shard_size)
+        owners = [shard_owner(s, world) for s in range(n_shards)]
+        mine = [s for s in range(n_shards) if owners[s] == rank and s not in published]
+        plan |= {"shards": n_shards, "shards_per_rank": {r: owners.count(r) for r in range(world)},
+                 "this_rank_writes": mine}
+    plan["fingerprint_fields"] = fingerprint_fields(cfg, None, get_task(cfg.task.name).kind)
+    return plan
+
+
+def student_plan(cfg: "Config") -> dict:
+    s = cfg.student
+    rank, world = rank_and_world()
+    micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
+    store = _store(cfg.teacher.store)
+    if store:
+        n_items, items_from = store["items_stored"], "the store"
+    else:
+        n_queries, data = _queries(cfg)
+        n_items = n_queries * cfg.teacher.views if n_queries is not None else None
+        items_from = f"queries x views (no store at {cfg.teacher.store} yet; queries from {data})"
+    plan = {"stage": "student", "rank": rank, "world_size": world, "launcher": _launcher(), "model": _model(cfg),
+            "store": cfg.teacher.store, "store_fingerprint": store["fingerprint"] if store else None,
+            "items": n_items, "items_from": items_from, "out": s.out, "global_batch": s.global_batch,
+            "micro_batch_per_rank": micro, "accumulation_steps": accumulation, "zero_stage": s.zero_stage}
+    if n_items is not None:
+        # The same rule as student.run: 10 epochs below 1000 training samples, else 5 (seed §7.2).
+        epochs = s.epochs or (10 if n_items < 1000 else 5)
+        plan |= {"epochs": epochs, "steps_per_epoch": n_items // s.global_batch,
+                 "optimizer_steps": epochs * (n_items // s.global_batch)}
+    plan["deepspeed"] = ds_config(s, micro, accumulation, cfg.model.dtype)
+    plan["store_must_match"] = fingerprint_fields(cfg, None, get_task(cfg.task.name).kind)
+    return plan

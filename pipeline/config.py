@@ -22,6 +22,7 @@ class ModelConfig:
     path: str = ""                 # checkpoint directory or hub id; "" = the embedded default (built on first use)
     family: str = "auto"           # idefics | idefics2 | auto (read from config.json)
     dtype: str = "float32"         # weights and compute: float32 | bfloat16 | float16 | float64
+    trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint; only for checkpoints you trust
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,12 @@ class TeacherConfig:
     seed: int = 0                  # ICD sampler seed (with query id and view)
     store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
     capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
+    span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
     batch_size: int = 4            # prompts per forward
     shard_size: int = 16           # queries per shard (the unit of writing, publishing and resume)
     over_context: str = "refuse"   # k-shot prompt longer than the model's context: refuse (say the k that fits)
+    on_bad_sample: str = "fail"    # a query whose image cannot be loaded or whose prompt is refused: fail | skip
+                                   # (skip records id and reason in its shard's marker; the student leaves it out)
     rank: int = -1                 # this process's rank; -1 = from the launcher's RANK
     world_size: int = -1           # number of ranks; -1 = from WORLD_SIZE (1 if unset)
 
@@ -100,7 +104,9 @@ CHOICES = {
     ("task", "answer"): ("most_common", "first"),
     ("task", "support"): ("queries", "train"),
     ("teacher", "capture"): ("ffn", "attn"),
+    ("teacher", "span"): ("all", "text"),
     ("teacher", "over_context"): ("refuse",),
+    ("teacher", "on_bad_sample"): ("fail", "skip"),
     ("student", "ce_on"): ("all", "answer"),
     ("student", "log_z2"): ("masked", "unmasked"),
     ("eval", "mode"): ("zero-shot", "icl", "mimic"),

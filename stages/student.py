@@ -183,9 +183,9 @@ def run(cfg: "Config") -> str:
                 span_mask = torch.zeros(len(micro_items), t)
                 ce_mask = inputs["attention_mask"].clone()
                 for b, it in enumerate(micro_items):
-                    n = it.hidden.shape[0]
-                    target[b, t - n:] = it.hidden.float()
-                    span_mask[b, t - n:] = 1
+                    n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
+                    target[b, t - n:][keep] = it.hidden.float()
+                    span_mask[b, t - n:] = keep.float()
                     if s.ce_on == "answer":
                         ce_mask[b, : t - n + answer_starts[it.sample_id]] = 0
                 # DeepSpeed moved the model to the accelerator; the batch follows it.

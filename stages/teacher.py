@@ -16,7 +16,7 @@ from tqdm import tqdm
 from stages.dist import rank_and_world
 from stages.errors import UserError
 from stages.models import LoadedModel, load_model
-from stages.models.encode import encode
+from stages.models.encode import encode, text_mask
 from stages.tasks import get_task
 from stages.tasks.pools import support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
@@ -40,7 +40,7 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
             "task": task.name, "split": task.train_split, "answer": task.answer, "support": task.support,
-            "shots": t.shots, "sampler": "uniform", "seed": t.seed, "span": "all", "capture": t.capture}
+            "shots": t.shots, "sampler": "uniform", "seed": t.seed, "span": t.span, "capture": t.capture}
 
 
 def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
@@ -126,7 +126,11 @@ def run(cfg: "Config") -> str:
                 engine(**{k: v.to(device) for k, v in enc.inputs.items()})
             hidden_bkld = capture.stacked()
             for row, ((q, v), ids, n) in enumerate(zip(batch, icd_ids, enc.span_lens)):
-                items.append(Item(q.id, v, np.asarray(enc.span_ids[row], dtype=np.int32),
-                                  hidden_bkld[row, -n:], tuple(ids)))
+                span_ids = enc.span_ids[row]
+                keep = text_mask(lm, span_ids) if t.span == "text" else None
+                hidden_tld = hidden_bkld[row, -n:]
+                if keep is not None:  # the "text" span leaves out the image tokens' rows
+                    hidden_tld = hidden_tld[torch.as_tensor(keep, device=hidden_tld.device)]
+                items.append(Item(q.id, v, np.asarray(span_ids, dtype=np.int32), hidden_tld, tuple(ids), keep))
         writer.write_shard(shard, items)
     return t.store

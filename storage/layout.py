@@ -18,7 +18,7 @@ from storage.manifest import FORMAT_VERSION, Manifest, canonical_json
 MANIFEST = "manifest.json"
 PUBLISHED = "published"     # one marker per published shard: published/000012.json
 SHARDS = "shards"           # one data directory per write attempt: shards/000012-<16 hex>/
-ARRAYS = ("hidden", "offsets", "token_ids", "sample_ids", "icd_offsets", "icd_ids")
+ARRAYS = ("hidden", "offsets", "token_ids", "keep", "sample_ids", "icd_offsets", "icd_ids")
 # Stored numpy dtype per manifest dtype; bfloat16 has no zarr/numpy dtype, so its raw bit pattern
 # is stored as little-endian uint16 (bit-exact, and readable by anything that can reinterpret bits).
 STORED_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
@@ -160,7 +160,7 @@ def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray], value_dtyp
     notes/cpu_setup.md §4) and fp16 activations barely compress.
     """
     group = root.open_group(rel, mode="w-")
-    dims = {"hidden": ("token", "layer", "hidden"), "offsets": ("item_edge",), "token_ids": ("token",),
+    dims = {"hidden": ("row", "layer", "hidden"), "offsets": ("item_edge",), "token_ids": ("token",), "keep": ("token",),
             "sample_ids": ("item",), "icd_offsets": ("item_edge",), "icd_ids": ("icd",)}
     for name in ARRAYS:
         values = arrays[name]
@@ -175,7 +175,7 @@ def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray], value_dtyp
 
 
 def read_arrays(root: Root, marker: Marker) -> dict[str, np.ndarray]:
-    """The shard's six arrays, whole; StoreError naming the array that cannot be read."""
+    """The shard's seven arrays, whole; StoreError naming the array that cannot be read."""
     try:
         group = root.open_group(marker.data, mode="r")
     except Exception as e:  # zarr raises several types for a missing or damaged group
@@ -193,12 +193,13 @@ def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarra
     """Problems of one shard's arrays against the manifest and its marker (empty list = consistent)."""
     where = f"shard {marker.shard} ({marker.data})"
     n_items = len(kept_queries(manifest, marker.shard, marker.skipped)) * manifest.views
-    hidden, offsets, token_ids = arrays["hidden"], arrays["offsets"], arrays["token_ids"]
+    hidden, offsets, token_ids, keep = arrays["hidden"], arrays["offsets"], arrays["token_ids"], arrays["keep"]
     icd_offsets, icd_ids, sample_ids = arrays["icd_offsets"], arrays["icd_ids"], arrays["sample_ids"]
     expect = {
-        "hidden": ((marker.tokens, manifest.n_layers, manifest.d_model), STORED_DTYPE[manifest.dtype]),
+        "hidden": ((int(keep.sum()), manifest.n_layers, manifest.d_model), STORED_DTYPE[manifest.dtype]),
         "offsets": ((n_items + 1,), np.dtype("<i8")),
         "token_ids": ((marker.tokens,), np.dtype("<i4")),
+        "keep": ((marker.tokens,), np.dtype("u1")),
         "sample_ids": ((n_items,), None),
         "icd_offsets": ((n_items + 1,), np.dtype("<i8")),
         "icd_ids": ((int(icd_offsets[-1]) if len(icd_offsets) else 0,), None),
@@ -212,6 +213,8 @@ def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarra
             problems.append(f"{where}: {name} has dtype {got.dtype}, expected {dtype}")
     if problems:
         return problems
+    if (keep > 1).any():
+        problems.append(f"{where}: keep must hold only 0 and 1")
     for name, off, total in (("offsets", offsets, marker.tokens), ("icd_offsets", icd_offsets, len(icd_ids))):
         steps = np.diff(off)
         if off[0] != 0 or off[-1] != total or (steps < (1 if name == "offsets" else 0)).any():

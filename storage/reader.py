@@ -147,16 +147,17 @@ def _load_items(root: Root, manifest: Manifest, marker: layout.Marker,
         raise StoreError(f"{root.url}: {e}; run `pipeline cache verify {root.url}`") from None
     if problems := layout.check_arrays(manifest, marker, arrays, checksums=False):
         raise StoreError(f"{problems[0]}; run `pipeline cache verify {root.url}`")
-    hidden = _as_torch(arrays["hidden"], manifest.dtype)  # [T, L, d]
-    offsets, icd_offsets = arrays["offsets"], arrays["icd_offsets"]
+    hidden = _as_torch(arrays["hidden"], manifest.dtype)  # [K, L, d], K = kept tokens
+    offsets, icd_offsets, keep = arrays["offsets"], arrays["icd_offsets"], arrays["keep"].astype(bool)
+    rows = np.concatenate([[0], np.cumsum(keep)])  # token offset -> hidden row offset
     items = {}
     for j, view in pairs:
         i = j * manifest.views + view  # item index: query-major, view-minor
         a, b = int(offsets[i]), int(offsets[i + 1])
         ca, cb = int(icd_offsets[i]), int(icd_offsets[i + 1])
         items[j, view] = Item(sample_id=str(arrays["sample_ids"][i]), view=view,
-                              token_ids=arrays["token_ids"][a:b].copy(), hidden=hidden[a:b].clone(),
-                              icd_ids=tuple(str(c) for c in arrays["icd_ids"][ca:cb]))
+                              token_ids=arrays["token_ids"][a:b].copy(), hidden=hidden[rows[a]:rows[b]].clone(),
+                              icd_ids=tuple(str(c) for c in arrays["icd_ids"][ca:cb]), keep=keep[a:b].copy())
     return items
 
 

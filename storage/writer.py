@@ -30,6 +30,8 @@ class Item:
     hidden: [t, L, d] in the manifest dtype. The writer takes a torch tensor, or a numpy array
         (uint16 bit patterns for bfloat16); readers always return a torch tensor.
     icd_ids: ids of the in-context demonstrations of this view, in prompt order.
+    keep: bool [t], which span tokens have a row in `hidden` (None: all of them; a text-only span
+        leaves out the image tokens). `hidden` then has keep.sum() rows.
     """
 
     sample_id: str
@@ -37,6 +39,7 @@ class Item:
     token_ids: np.ndarray
     hidden: np.ndarray | torch.Tensor
     icd_ids: tuple[str, ...]
+    keep: np.ndarray | None = None
 
 
 def open_for_write(url: str, manifest: Manifest) -> StoreWriter:
@@ -121,17 +124,21 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         raise ValueError(f"shard {shard} needs {len(want)} items (query-major, view-minor, skipped left out); "
                          f"got {len(got)}, first difference at item {first}: "
                          f"got {got[first] if first < len(got) else None}, expected {want[first] if first < len(want) else None}")
-    hidden, token_ids, icd_ids = [], [], []
+    hidden, token_ids, keeps, icd_ids = [], [], [], []
     for it in items:
         ids = np.asarray(it.token_ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) == 0:
             raise ValueError(f"item ({it.sample_id}, {it.view}): token_ids must be a non-empty 1-D integer array, "
                              f"got shape {ids.shape} dtype {ids.dtype}")
+        keep = np.ones(len(ids), bool) if it.keep is None else np.asarray(it.keep, bool)
+        if keep.shape != ids.shape:
+            raise ValueError(f"item ({it.sample_id}, {it.view}): keep has shape {keep.shape}, token_ids {ids.shape}")
         h = _stored_values(it.hidden, m.dtype, f"item ({it.sample_id}, {it.view})")
-        if h.shape != (len(ids), m.n_layers, m.d_model):
+        if h.shape != (int(keep.sum()), m.n_layers, m.d_model):
             raise ValueError(f"item ({it.sample_id}, {it.view}): hidden has shape {tuple(h.shape)}, "
-                             f"expected {(len(ids), m.n_layers, m.d_model)} [tokens, layers, d]")
+                             f"expected {(int(keep.sum()), m.n_layers, m.d_model)} [kept tokens, layers, d]")
         hidden.append(h)
+        keeps.append(keep.astype("u1"))
         token_ids.append(ids.astype("<i4"))
         icd_ids.append([str(c) for c in it.icd_ids])
     lengths = [len(t) for t in token_ids]
@@ -140,6 +147,7 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         "hidden": np.concatenate(hidden) if hidden else np.zeros((0, m.n_layers, m.d_model), stored),  # [T, L, d]
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype("<i8"),
         "token_ids": np.concatenate(token_ids) if token_ids else np.zeros(0, "<i4"),
+        "keep": np.concatenate(keeps) if keeps else np.zeros(0, "u1"),
         "sample_ids": np.array([q for q, _ in want], dtype=object),
         "icd_offsets": np.concatenate([[0], np.cumsum([len(c) for c in icd_ids])]).astype("<i8"),
         "icd_ids": np.array([c for cs in icd_ids for c in cs], dtype=object),

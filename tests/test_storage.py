@@ -164,7 +164,7 @@ def test_on_disk_layout_matches_protocol(tmp_path):
     group = zarr.open_group(str(tmp_path / marker["data"]), mode="r")
     hidden, offsets = group["hidden"], group["offsets"][...]
     assert hidden.dtype == np.uint16 and hidden.attrs["value_dtype"] == "bfloat16"
-    assert hidden.chunks == hidden.shape and hidden.metadata.dimension_names == ("token", "layer", "hidden")
+    assert hidden.chunks == hidden.shape and hidden.metadata.dimension_names == ("row", "layer", "hidden")
     # query index 4 is the 2nd kept query (j = 1) of shard 1; view 1 -> item i = j*V + v = 3
     i = 1 * 2 + 1
     want = written["q4", 1]
@@ -487,3 +487,27 @@ def test_inspection_and_writing_do_not_import_torch(tmp_path):
             "w = open_for_write(sys.argv[1], m); w.write_shard(0, [Item('a', 0, np.array([1]), np.zeros((1, 2, 2), np.float16), ())]);"
             "assert verify(sys.argv[1]) == [] and info(sys.argv[1])['complete']; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True, timeout=60)
+
+
+def test_text_only_span_stores_rows_of_kept_tokens_only(tmp_path):
+    """keep marks the span tokens with a stored row; the reader hands back exactly those rows."""
+    m = make_manifest(n_queries=3, views=1, shard_size=3)
+    rng = np.random.default_rng(0)
+    items, kept_rows = [], {}
+    for q in m.query_ids:
+        t = int(rng.integers(3, 8))
+        keep = rng.random(t) < 0.5
+        keep[0] = True
+        hidden = torch.from_numpy(rng.standard_normal((int(keep.sum()), m.n_layers, m.d_model)).astype(np.float32))
+        items.append(Item(q, 0, np.arange(t, dtype=np.int32), hidden, ("a",), keep))
+        kept_rows[q] = (keep, hidden)
+    writer = open_for_write(str(tmp_path / "s"), m)
+    writer.write_shard(0, items)
+    for item in read_items(str(tmp_path / "s")):
+        keep, hidden = kept_rows[item.sample_id]
+        assert (item.keep == keep).all() and torch.equal(item.hidden, hidden)
+    assert verify(str(tmp_path / "s")) == []
+    bad = Item("q0", 0, np.arange(4, dtype=np.int32), torch.zeros(4, m.n_layers, m.d_model), ("a",),
+               np.array([True, False, True, True]))
+    with pytest.raises(ValueError, match="kept tokens"):
+        open_for_write(str(tmp_path / "t"), m).write_shard(0, [bad] + items[1:])

@@ -93,3 +93,19 @@ def test_student_refuses_a_store_made_with_other_shots(setup):
     assert "Traceback" not in result.stderr
     assert "shots: store has 4, config has 8" in result.stderr
     assert not (tmp / "refused" / "heads").exists()
+
+
+def test_student_trains_from_a_text_only_store(setup):
+    tmp, common = setup
+    store = tmp / "store-text"
+    out = subprocess.run(PIPELINE + ["run", "teacher", *common, "--set", "teacher.span=text", "--store", str(store)],
+                         env=_env(tmp), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _student(tmp, common, tmp / "text", "--set", "teacher.span=text", "--store", str(store))
+    rows = [json.loads(line) for line in open(tmp / "text" / "losses.jsonl")]
+    assert len(rows) == 40 and all(r["l_align"] > 0 for r in rows)
+    # Against the full-span store with the same config but span=all, it is refused by name.
+    refused = subprocess.run(PIPELINE + ["run", "student", *common, "--store", str(store),
+                                         "--set", f"student.out={tmp}/refused-span"], env=_env(tmp),
+                             capture_output=True, text=True)
+    assert refused.returncode != 0 and "span: store has 'text', config has 'all'" in refused.stderr, refused.stderr

@@ -35,7 +35,7 @@ from storage import layout
 from storage._root import Root
 from storage.inspection import verify
 from storage.manifest import VOLATILE
-from storage.reader import read_items
+from storage.reader import open_manifest, read_items
 
 PIPELINE = shutil.which("pipeline", path=os.path.dirname(sys.executable))
 CLI = [PIPELINE] if PIPELINE else [sys.executable, "-m", "pipeline.cli"]
@@ -186,6 +186,23 @@ def test_batched_targets_equal_unbatched(family, model_dirs, data_root, tmp_path
         assert np.array_equal(x.token_ids, y.token_ids)
         torch.testing.assert_close(y.hidden, x.hidden, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{x.sample_id}/{x.view}: {m}")
+
+
+@pytest.mark.parametrize("family", ["idefics", "idefics2"])
+def test_text_only_span_keeps_the_text_rows_of_the_full_span(family, model_dirs, data_root, tmp_path):
+    stores = {}
+    for span in ("all", "text"):
+        store = tmp_path / f"store-{span}"
+        teacher.run(_config(model_dirs[family], data_root, store, tmp_path, "teacher.shots=2", "task.num_queries=4",
+                            "teacher.shard_size=4", f"teacher.span={span}"))
+        stores[span] = list(read_items(str(store)))
+    image_id = load_model(model_dirs[family]).tokenizer.convert_tokens_to_ids("<image>")
+    for full, text in zip(stores["all"], stores["text"]):
+        assert np.array_equal(full.token_ids, text.token_ids)  # the student still gets every span id
+        is_text = full.token_ids != image_id
+        assert not is_text.all() and (text.keep == is_text).all() and full.keep.all()
+        assert torch.equal(text.hidden, full.hidden[torch.from_numpy(is_text)])
+    assert open_manifest(str(tmp_path / "store-text")).fingerprint_fields["span"] == "text"
 
 
 # -- 3. ranks --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ FAMILIES: dict[str, ModuleType] = {"idefics": idefics, "idefics2": idefics2}
 class Adapter(Protocol):
     FAMILY: str
     MODEL_CLASS: type
+    IMAGE_TOKEN: str
 
     def prepare_processor(self, processor) -> None: ...
     def decoder_layers(self, model) -> list[torch.nn.Module]: ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -43,6 +44,12 @@ def tokenize(lm: LoadedModel, prompt: Prompt) -> tuple[list[int], int]:
                         "must end the context on a token boundary (e.g. a newline)")
     ids = [tok.bos_token_id] + ids + ([tok.eos_token_id] if prompt.with_eos else [])
     return ids, 1 + len(ids_ctx)
+
+
+def text_mask(lm: LoadedModel, span_ids: list[int]) -> np.ndarray:
+    """True for the span's text tokens, False for image placeholder tokens (the "text" span, METHOD.md §3)."""
+    image_id = lm.tokenizer.convert_tokens_to_ids(lm.adapter.IMAGE_TOKEN)
+    return np.asarray(span_ids) != image_id
 
 
 @dataclass

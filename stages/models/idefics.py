@@ -14,6 +14,7 @@ from transformers.models.idefics.processing_idefics import (image_attention_mask
 from stages.models.common import Dims, left_pad
 
 FAMILY = "idefics"
+IMAGE_TOKEN = "<image>"  # the placeholder token(s) an image occupies in the sequence
 MODEL_CLASS = IdeficsForVisionText2Text
 
 

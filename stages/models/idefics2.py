@@ -8,6 +8,7 @@ from transformers import Idefics2ForConditionalGeneration
 from stages.models.common import Dims, left_pad
 
 FAMILY = "idefics2"
+IMAGE_TOKEN = "<image>"  # the placeholder token(s) an image occupies in the sequence
 MODEL_CLASS = Idefics2ForConditionalGeneration
 
 

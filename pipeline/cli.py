@@ -51,19 +51,24 @@ def run():
 @click.option("--capture", type=click.Choice(["ffn", "attn"]), help="what to store per layer (teacher.capture).")
 @click.option("--rank", type=int, help="this job's rank, for independent jobs (teacher.rank).")
 @click.option("--world-size", type=int, help="number of independent jobs (teacher.world_size).")
+@click.option("--on-bad-sample", type=click.Choice(["fail", "skip"]),
+              help="a query whose image cannot be loaded or whose prompt is refused: stop, or skip it and record why "
+                   "(teacher.on_bad_sample).")
 @DRY_RUN
 @DEBUG
-def run_teacher(config_fpath, overrides, shots, views, num_queries, store, capture, rank, world_size, dry_run, debug):
+def run_teacher(config_fpath, overrides, shots, views, num_queries, store, capture, rank, world_size, on_bad_sample,
+                dry_run, debug):
     """Run k-shot ICL on the frozen model and store each layer's outputs on the query + answer span.
 
     \b
     Example:
       pipeline run teacher --shots 32
       pipeline run teacher --config exp.yaml --rank 3 --world-size 8 --dry-run
+      pipeline run teacher --on-bad-sample skip     # then `pipeline cache info STORE` lists what was skipped
     """
     cfg = _config(config_fpath, overrides, not dry_run, **{"teacher.shots": shots, "teacher.views": views,
                   "task.num_queries": num_queries, "teacher.store": store, "teacher.capture": capture,
-                  "teacher.rank": rank, "teacher.world_size": world_size})
+                  "teacher.rank": rank, "teacher.world_size": world_size, "teacher.on_bad_sample": on_bad_sample})
     if dry_run:
         from stages.plan import teacher_plan
         return click.echo(json.dumps(teacher_plan(cfg), indent=2))
@@ -123,25 +128,30 @@ def run_all(config_fpath, overrides, shots, debug):
 @cli.command("eval")
 @CONFIG
 @SET
-@click.option("--mode", type=click.Choice(["zero-shot", "icl", "mimic"]), help="eval.mode")
+@click.option("--mode", type=click.Choice(["zero-shot", "icl", "mimic", "align"]), help="eval.mode")
 @click.option("--shots", type=int, help="k for icl (eval.shots).")
 @click.option("--heads", help="heads directory for mimic (eval.heads).")
 @click.option("--num-samples", type=int, help="evaluation queries; 0 = all (eval.num_samples).")
+@click.option("--store", help="with --mode align: the teacher store to measure L_align on (teacher.store).")
 @DEBUG
-def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, debug):
+def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, debug):
     """Generate answers and score them (VQA accuracy or CIDEr); writes predictions.jsonl and metrics.json.
+
+    --mode align instead measures L_align of trained and of freshly initialised heads on a store,
+    e.g. one of held-out queries.
 
     \b
     Example:
       pipeline eval --mode icl --shots 4
       pipeline eval --mode mimic --heads runs/student-vqav2-32shot/heads
+      pipeline eval --mode align --store runs/heldout-store --heads runs/student-vqav2-32shot/heads
     """
     from stages import evaluate
     cfg = _config(config_fpath, overrides, **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads,
-                  "eval.num_samples": num_samples})
+                  "eval.num_samples": num_samples, "teacher.store": store})
     metrics = evaluate.run(cfg)
     click.echo(json.dumps(metrics))
-    click.echo(f"wrote {cfg.eval.out}/predictions.jsonl and metrics.json")
+    click.echo(f"wrote {cfg.eval.out}/metrics.json")
 
 
 @cli.command("make-model")

@@ -31,6 +31,7 @@ class TaskConfig:
     root: str = ""                 # data root (official files); "" = the embedded synthetic data
     train_split: str = "train"     # split the training queries and the support set come from
     eval_split: str = "val"        # split evaluation queries come from (never in a support set)
+    query_split: str = ""          # split of the teacher's/student's queries; "" = train_split (val + support=train: a held-out store)
     num_queries: int = 0           # training queries N (the first N of the split); 0 = all
     answer: str = "most_common"    # target/ICD answer: most_common of the annotators | first (the authors' code)
     support: str = "queries"       # ICD pool: queries (the N training queries, as the authors) | train (whole split)
@@ -41,6 +42,7 @@ class TeacherConfig:
     shots: int = 32                # k, in-context demonstrations per prompt
     views: int = 1                 # V independent ICD draws per query; the student uses view (epoch mod V)
     seed: int = 0                  # ICD sampler seed (with query id and view)
+    sampler: str = "uniform"       # ICDs: uniform (the authors) | cover (one per reference answer, round after round)
     store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
     capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
     span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
@@ -75,13 +77,14 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    mode: str = "zero-shot"        # zero-shot | icl | mimic
+    mode: str = "zero-shot"        # zero-shot | icl | mimic | align (L_align of the heads on teacher.store)
     shots: int = 4                 # k for icl
     heads: str = ""                # heads directory for mimic; "" = the student's default output
     num_samples: int = 0           # evaluation queries (first of the eval split); 0 = all
     batch_size: int = 8            # prompts per generate call
     num_beams: int = 3             # beam search width (METHOD.md §6)
     seed: int = 0                  # ICD sampler seed for icl
+    sampler: str = "uniform"       # ICDs for icl: uniform | cover (as teacher.sampler)
     out: str = ""                  # run directory; "" = <run_dir>/eval-<mode>-<task>
 
 
@@ -105,11 +108,13 @@ CHOICES = {
     ("task", "support"): ("queries", "train"),
     ("teacher", "capture"): ("ffn", "attn"),
     ("teacher", "span"): ("all", "text"),
+    ("teacher", "sampler"): ("uniform", "cover"),
     ("teacher", "over_context"): ("refuse",),
     ("teacher", "on_bad_sample"): ("fail", "skip"),
     ("student", "ce_on"): ("all", "answer"),
     ("student", "log_z2"): ("masked", "unmasked"),
-    ("eval", "mode"): ("zero-shot", "icl", "mimic"),
+    ("eval", "sampler"): ("uniform", "cover"),
+    ("eval", "mode"): ("zero-shot", "icl", "mimic", "align"),
 }
 
 

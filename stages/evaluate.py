@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from stages.models import load_model
 from stages.models.encode import encode
-from stages.models.heads import attach, load_heads
+from stages.errors import UserError
+from stages.models.heads import attach, build_heads, load_heads
 from stages.tasks import get_task
 from stages.tasks.pools import eval_queries, support_set, training_queries
 from stages.tasks.prompts import build_prompt, reference_answer
@@ -45,13 +46,47 @@ def score(kind: str, task_name: str, predictions: dict[str, str], queries) -> di
     return {"cider": cider(predictions, {q.id: list(q.answers) for q in queries})}
 
 
+def align(cfg: "Config") -> dict:
+    """L_align and L_gt over a teacher store (e.g. of held-out queries), with fresh and with trained heads.
+
+    MimIC's heads should mimic ICL on queries they never saw: L_align with the trained heads against
+    L_align with the heads as the student initialises them (same seed).
+    """
+    from stages.student import align_loss
+    from storage.reader import open_manifest, read_items
+
+    ev, tc = cfg.eval, cfg.task
+    fields = open_manifest(cfg.teacher.store).fingerprint_fields
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
+    if fields["model"] != lm.identity():
+        raise UserError(f"store {cfg.teacher.store} was made with another model than {cfg.model.path}")
+    samples = {s.id: s for s in get_task(fields["task"]).load(tc.root, fields["split"])}
+    items = list(read_items(cfg.teacher.store))
+    torch.manual_seed(cfg.student.seed)  # the heads the student starts from
+    dims = lm.dims
+    fresh = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, cfg.student.log_z2 == "masked")
+    trained, _ = load_heads(ev.heads)
+    metrics = {"store": cfg.teacher.store, "heads": ev.heads}
+    for name, heads in (("init", fresh), ("trained", trained)):
+        attach(lm, heads.to(lm.model.dtype))
+        result = align_loss(lm, heads, items, lambda sid: samples[sid].load_image(), fields["capture"])
+        metrics |= {f"l_align_{name}": result["l_align"], f"l_gt_{name}": result["l_gt"], "n": result["n"]}
+    metrics["l_align_ratio"] = metrics["l_align_trained"] / metrics["l_align_init"]
+    os.makedirs(ev.out, exist_ok=True)
+    with open(os.path.join(ev.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
 def run(cfg: "Config") -> dict:
     ev, tc = cfg.eval, cfg.task
+    if ev.mode == "align":
+        return align(cfg)
     task = get_task(tc.name)
     train = training_queries(task, tc.root, tc.train_split, tc.num_queries)
     support = support_set(task, tc.root, tc.train_split, train, tc.support)
     queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support)
-    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     by_id = {s.id: s for s in support}
@@ -69,7 +104,8 @@ def run(cfg: "Config") -> dict:
         batch = queries[lo: lo + ev.batch_size]
         prompts = []
         for q in batch:
-            icd_ids = sample_icds([s.id for s in support], q.id, shots, seed=ev.seed, view=0)
+            icd_ids = sample_icds([s.id for s in support], q.id, shots, seed=ev.seed, view=0, sampler=ev.sampler,
+                                  answers=[reference_answer(s, tc.answer) for s in support])
             icds = [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in icd_ids]
             prompts.append(build_prompt(task.kind, ev.mode, q, icds))
         enc = encode(lm, prompts, max_len=max_len)

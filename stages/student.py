@@ -41,10 +41,13 @@ class Student(torch.nn.Module):
         super().__init__()
         self.base, self.heads = base, heads
         self._outputs: list[torch.Tensor | None] = [None] * len(layers)
-        for i, layer in enumerate(layers):
-            module = layer.mlp if capture == "ffn" else layer.self_attn
-            module.register_forward_hook(lambda m, a, out, i=i: self._outputs.__setitem__(
-                i, out[0] if isinstance(out, tuple) else out))
+        self._hooks = [(layer.mlp if capture == "ffn" else layer.self_attn).register_forward_hook(
+            lambda m, a, out, i=i: self._outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+            for i, layer in enumerate(layers)]
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
 
     def forward(self, **inputs):
         logits = self.base(**inputs).logits
@@ -61,6 +64,45 @@ def losses(logits_btv, hidden_btld, target_btld, span_mask_bt, ce_mask_bt, input
     mask = ce_mask_bt[:, 1:].float()
     l_gt = (ce_bt * mask).sum() / mask.sum().clamp(min=1)
     return l_align, l_gt
+
+
+def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu"):
+    """Model inputs [BOS] + stored span, and the teacher targets aligned with them, position by position.
+
+    Returns (inputs, target [b, t, l, d], span_mask [b, t]: positions with a target, ce_mask [b, t]:
+    tokens L_gt is taken on — every real token, or from the answer on when answer_starts is given).
+    """
+    inputs = inputs_from_spans(lm, [it.token_ids.tolist() for it in items], images)
+    b, t = inputs["input_ids"].shape
+    dims = lm.dims
+    target = torch.zeros(b, t, dims.n_layers, dims.d_model)
+    span_mask = torch.zeros(b, t)
+    ce_mask = inputs["attention_mask"].clone()
+    for row, it in enumerate(items):
+        n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
+        target[row, t - n:][keep] = it.hidden.float()
+        span_mask[row, t - n:] = keep.float()
+        if answer_starts:
+            ce_mask[row, : t - n + answer_starts[it.sample_id]] = 0
+    # The model may sit on an accelerator (DeepSpeed moves it there); the batch follows it.
+    moved = [x.to(device) for x in (target, span_mask, ce_mask)]
+    return {k: v.to(device) for k, v in inputs.items()}, *moved
+
+
+@torch.no_grad()
+def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: int = 4) -> dict:
+    """Mean L_align and L_gt of the model with `heads` attached, over store items (e.g. held-out queries)."""
+    model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), capture)
+    sums, n = torch.zeros(2), 0
+    for lo in range(0, len(items), batch_size):
+        batch = items[lo: lo + batch_size]
+        inputs, target, span_mask, ce_mask = make_batch(lm, batch, [[images_of(it.sample_id)] for it in batch])
+        logits, hidden = model(**inputs)
+        l_align, l_gt = losses(logits, hidden, target, span_mask, ce_mask, inputs["input_ids"])
+        sums += torch.tensor([l_align.item(), l_gt.item()]) * len(batch)
+        n += len(batch)
+    model.remove_hooks()
+    return {"l_align": (sums[0] / n).item(), "l_gt": (sums[1] / n).item(), "n": n}
 
 
 def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[str, ...], store: str, shots: int):
@@ -109,11 +151,52 @@ def batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, i
     return micro, global_batch // (micro * world)
 
 
-def ds_config(s, micro: int, accumulation: int, dtype: str) -> dict:
+def ds_config(s, micro: int, accumulation: int, dtype: str, n_head_params: int = 0) -> dict:
+    # ZeRO-3 would partition the heads' parameters, but the attention function reads them outside
+    # any module DeepSpeed gathers for; they are tiny (0.26M for an 8B model), so keep them whole
+    # and let ZeRO partition the optimizer state and gradients only.
+    zero = {"stage": s.zero_stage, "stage3_param_persistence_threshold": max(n_head_params, 10**5)}
     return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
-            "gradient_clipping": s.clip, "zero_optimization": {"stage": s.zero_stage},
+            "gradient_clipping": s.clip, "zero_optimization": zero,
             "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"},
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _load_checkpoint(engine, ckpt_dpath: str) -> dict:
+    """engine.load_checkpoint, unpickling nothing but tensors and a few allow-listed DeepSpeed types.
+
+    DeepSpeed's checkpoint engine calls torch.load(weights_only=False), which runs any code pickled into
+    a checkpoint file; TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch use its weights-only unpickler anyway
+    (torch/serialization.py). Returns the client state saved with the checkpoint.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            _, client = engine.load_checkpoint(ckpt_dpath)
+    except Exception as e:  # UnpicklingError for a type other than tensors; others for a damaged checkpoint
+        where = os.path.join(ckpt_dpath, open(os.path.join(ckpt_dpath, "latest")).read().strip())
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if isinstance(e, torch.serialization.pickle.UnpicklingError):
+            reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+            reason = reason.split(". Please")[0]  # not torch's advice to allow-list the type
+            raise UserError(f"checkpoint {where} holds more than tensors, so it is not loaded (torch.load with "
+                            f"weights_only=True: {reason}); delete {ckpt_dpath} to train from the start") from None
+        raise UserError(f"checkpoint {where} cannot be loaded ({type(e).__name__}{': ' + lines[0] if lines else ''}); "
+                        f"delete {ckpt_dpath} to train from the start") from None
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+    if client is None:  # DeepSpeed warns and returns None when the tag's files are missing
+        raise UserError(f"checkpoint directory {ckpt_dpath} names a checkpoint that is not there; "
+                        f"delete {ckpt_dpath} to train from the start")
+    return client
 
 
 def run(cfg: "Config") -> str:
@@ -122,9 +205,9 @@ def run(cfg: "Config") -> str:
     rank, world = rank_and_world()
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, tc.query_split or tc.train_split, tc.num_queries)
     by_id = {q.id: q for q in queries}
-    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer)
     check_store(reader, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), cfg.teacher.store,
                 cfg.teacher.shots)
@@ -144,15 +227,21 @@ def run(cfg: "Config") -> str:
     optimizer = torch.optim.AdamW(heads.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=list(heads.parameters()), optimizer=optimizer,
-        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=ds_config(s, micro, accumulation, cfg.model.dtype))
+        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=ds_config(s, micro, accumulation, cfg.model.dtype, n_params))
 
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
     os.makedirs(s.out, exist_ok=True)
     step = 0
     if os.path.isfile(os.path.join(ckpt_dpath, "latest")):
-        _, client = engine.load_checkpoint(ckpt_dpath)
+        client = _load_checkpoint(engine, ckpt_dpath)
         reader.load_state_dict(client["reader"])
         step = client["step"]
+        if rank == 0 and os.path.isfile(log_fpath):  # steps logged after that checkpoint are redone
+            # A line cut short by a kill has no newline; the rewrite goes through a temporary file.
+            rows = [line for line in open(log_fpath) if line.endswith("\n") and json.loads(line)["step"] <= step]
+            with open(log_fpath + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(log_fpath + ".tmp", log_fpath)
     if rank == 0:
         with open(os.path.join(s.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
@@ -176,32 +265,18 @@ def run(cfg: "Config") -> str:
             sums = torch.zeros(3)
             for m0 in range(0, per_rank, micro):
                 micro_items = batch[m0: m0 + micro]
-                inputs = inputs_from_spans(lm, [it.token_ids.tolist() for it in micro_items],
-                                           [[by_id[it.sample_id].load_image()] for it in micro_items])
-                t = inputs["input_ids"].shape[1]
-                target = torch.zeros(len(micro_items), t, dims.n_layers, dims.d_model)
-                span_mask = torch.zeros(len(micro_items), t)
-                ce_mask = inputs["attention_mask"].clone()
-                for b, it in enumerate(micro_items):
-                    n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
-                    target[b, t - n:][keep] = it.hidden.float()
-                    span_mask[b, t - n:] = keep.float()
-                    if s.ce_on == "answer":
-                        ce_mask[b, : t - n + answer_starts[it.sample_id]] = 0
-                # DeepSpeed moved the model to the accelerator; the batch follows it.
-                inputs = {k: v.to(engine.device) for k, v in inputs.items()}
+                images = [[by_id[it.sample_id].load_image()] for it in micro_items]
+                inputs, target, span_mask, ce_mask = make_batch(lm, micro_items, images, answer_starts, engine.device)
                 logits, hidden = engine(**inputs)
-                l_align, l_gt = losses(logits, hidden, target.to(hidden), span_mask.to(hidden.device),
-                                       ce_mask.to(hidden.device), inputs["input_ids"])
+                l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
                 loss = s.w_align * l_align + s.w_ce * l_gt
                 engine.backward(loss)
                 engine.step()
                 sums += torch.tensor([loss.item(), l_align.item(), l_gt.item()])
             step += 1
-            record = dict(zip(("loss", "l_align", "l_gt"), (sums / accumulation).tolist()))
             if world > 1:
                 torch.distributed.all_reduce(sums)
-                record = dict(zip(("loss", "l_align", "l_gt"), (sums / (accumulation * world)).tolist()))
+            record = dict(zip(("loss", "l_align", "l_gt"), (sums / (accumulation * world)).tolist()))
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0]}) + "\n")
                 log.flush()

@@ -6,7 +6,7 @@ Data parallel by shard: shard boundaries depend only on the query list, each ran
 from __future__ import annotations
 
 import functools
-import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,13 +39,13 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path or 'the embedded default'}>"
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
-            "task": task.name, "split": task.train_split, "answer": task.answer, "support": task.support,
-            "shots": t.shots, "sampler": "uniform", "seed": t.seed, "span": t.span, "capture": t.capture}
+            "task": task.name, "split": task.query_split or task.train_split, "answer": task.answer, "support": task.support,
+            "shots": t.shots, "sampler": t.sampler, "seed": t.seed, "span": t.span, "capture": t.capture}
 
 
 def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
     import deepspeed
-    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
+    lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.dtype == "float64":
         raise UserError("the teacher stores float32, bfloat16 or float16 targets; set model.dtype to one of these")
     # Data parallel only: each rank holds the whole model (tp_size 1), so no process group is needed.
@@ -80,15 +80,83 @@ def _largest_k_that_fits(n_tokens: int, n_span: int, shots: int, max_len: int) -
     return max(0, int((max_len - n_span) // per_icd)) if per_icd else shots
 
 
+def _over_context(qid: str, n: int, n_span: int, shots: int, max_len: int) -> str:
+    k_fit = _largest_k_that_fits(n, n_span, shots, max_len)
+    if k_fit >= 1:
+        return (f"the {shots}-shot prompt of query {qid} is {n} tokens, past the model's context of {max_len}; "
+                f"use --shots {k_fit} or fewer")
+    return (f"query {qid} is too long: its {shots}-shot prompt is {n} tokens, the query and answer alone {n_span}, "
+            f"past the model's context of {max_len}; shorten its question, or skip it with --on-bad-sample skip")
+
+
+def _bad_sample(policy: str, skipped: dict[str, str], qid: str, reason: str) -> None:
+    """teacher.on_bad_sample: fail raises the reason; skip records it (it goes to the shard's marker)."""
+    if policy == "fail":
+        raise UserError(reason)
+    skipped[qid] = reason
+
+
+def _prompts(build, batch, icd_ids, policy: str, skipped: dict[str, str]) -> list:
+    """The batch's prompts; None where an image (the query's or a demonstration's) cannot be loaded."""
+    prompts = []
+    for (q, _), ids in zip(batch, icd_ids):
+        try:
+            prompts.append(build(q, ids))
+        except UserError as e:
+            _bad_sample(policy, skipped, q.id, str(e))
+            prompts.append(None)
+    return prompts
+
+
+def _rows(keep_if, *columns):
+    """The rows of `columns` where keep_if is not None (the others were refused or skipped)."""
+    kept = [i for i, x in enumerate(keep_if) if x is not None]
+    return tuple([col[i] for i in kept] for col in columns)
+
+
+def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, skipped: dict[str, str]):
+    """One forward of a batch of k-shot prompts: per prompt (span ids int32 [n], hidden [n or kept, l, d], keep),
+    or None for a prompt longer than the model's context (refused: teacher.over_context)."""
+    if not prompts:
+        return []
+    enc = encode(lm, prompts)
+    rows = []
+    for row, (n, n_span, qid) in enumerate(zip(enc.inputs["attention_mask"].sum(-1).tolist(), enc.span_lens, query_ids)):
+        if max_len and n > max_len:
+            _bad_sample(t.on_bad_sample, skipped, qid, _over_context(qid, n, n_span, t.shots, max_len))
+        else:
+            rows.append(row)
+    out = [None] * len(prompts)
+    if not rows:
+        return out
+    if len(rows) < len(prompts):  # encode again without the refused ones: padding depends on the batch
+        enc = encode(lm, [prompts[r] for r in rows])
+    capture.keep = max(enc.span_lens)
+    device = next(lm.model.parameters()).device  # init_inference moved the model; the engine does not move inputs
+    with torch.inference_mode():
+        engine(**{k: v.to(device) for k, v in enc.inputs.items()})
+    hidden_bkld = capture.stacked()
+    for i, (row, n) in enumerate(zip(rows, enc.span_lens)):
+        span_ids = np.asarray(enc.span_ids[i], dtype=np.int32)
+        hidden_tld, keep = hidden_bkld[i, -n:], None
+        if t.span == "text":  # the image tokens' rows are left out
+            keep = text_mask(lm, span_ids)
+            hidden_tld = hidden_tld[torch.as_tensor(keep, device=hidden_tld.device)]
+        out[row] = (span_ids, hidden_tld, keep)
+    return out
+
+
 def run(cfg: "Config") -> str:
     t, tc = cfg.teacher, cfg.task
     rank, world = rank_and_world(t.rank, t.world_size)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, tc.query_split or tc.train_split, tc.num_queries)
     support = support_set(task, tc.root, tc.train_split, queries, tc.support)
     by_id = {s.id: s for s in support} | {q.id: q for q in queries}
     support_ids = [s.id for s in support]
-    sample_icds(support_ids, queries[0].id, t.shots, seed=t.seed, view=0)  # refuse an impossible k before loading
+    support_answers = [reference_answer(s, tc.answer) for s in support]  # what the cover sampler groups by
+    # refuse an impossible k before loading
+    sample_icds(support_ids, queries[0].id, t.shots, seed=t.seed, view=0, sampler=t.sampler, answers=support_answers)
     lm, engine = _load_teacher(cfg)
     dims = lm.dims
     manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
@@ -99,38 +167,36 @@ def run(cfg: "Config") -> str:
     print(f"teacher rank {rank}/{world}: {len(mine)} of {manifest.n_shards} shards to write into {t.store} "
           f"(fingerprint {manifest.fingerprint[:12]})")
     load_image = functools.lru_cache(maxsize=4096)(lambda sid: by_id[sid].load_image())
+
+    def build(q, ids):  # the k-shot prompt of query q with demonstrations ids, answer appended
+        return build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],
+                            answer=reference_answer(q, tc.answer), load=lambda s: load_image(s.id))
     max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     capture = SpanCapture(lm.adapter.decoder_layers(lm.model), t.capture)
-    # init_inference moved the model to the accelerator; the engine's forward does not move the inputs there.
-    device = next(lm.model.parameters()).device
 
-    for shard in tqdm(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
-        lo, hi = manifest.shard_bounds(shard)
-        jobs = [(q, v) for q in queries[lo:hi] for v in range(t.views)]  # query-major, view-minor
-        items = []
-        for b0 in range(0, len(jobs), t.batch_size):
-            batch = jobs[b0: b0 + t.batch_size]
-            icd_ids = [sample_icds(support_ids, q.id, t.shots, seed=t.seed, view=v) for q, v in batch]
-            prompts = [build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],
-                                    answer=reference_answer(q, tc.answer), load=lambda s: load_image(s.id))
-                       for (q, _), ids in zip(batch, icd_ids)]
-            enc = encode(lm, prompts)
-            n_tokens = enc.inputs["attention_mask"].sum(-1).tolist()
-            for n, n_span, (q, _) in zip(n_tokens, enc.span_lens, batch):
-                if max_len and n > max_len:
-                    k_fit = _largest_k_that_fits(n, n_span, t.shots, max_len)
-                    raise UserError(f"the {t.shots}-shot prompt of query {q.id} is {n} tokens, past the model's "
-                                    f"context of {max_len}; use --shots {k_fit} or fewer")
-            capture.keep = max(enc.span_lens)
-            with torch.inference_mode():
-                engine(**{k: v.to(device) for k, v in enc.inputs.items()})
-            hidden_bkld = capture.stacked()
-            for row, ((q, v), ids, n) in enumerate(zip(batch, icd_ids, enc.span_lens)):
-                span_ids = enc.span_ids[row]
-                keep = text_mask(lm, span_ids) if t.span == "text" else None
-                hidden_tld = hidden_bkld[row, -n:]
-                if keep is not None:  # the "text" span leaves out the image tokens' rows
-                    hidden_tld = hidden_tld[torch.as_tensor(keep, device=hidden_tld.device)]
-                items.append(Item(q.id, v, np.asarray(span_ids, dtype=np.int32), hidden_tld, tuple(ids), keep))
-        writer.write_shard(shard, items)
+    # Each finished shard is written by a background thread while the next shard's forwards run,
+    # so the store costs the teacher almost nothing (BENCHMARKS.md, P1). Leaving the `with` waits for
+    # the last write, also when a forward fails, so nothing finished is lost.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for shard in tqdm(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
+            lo, hi = manifest.shard_bounds(shard)
+            jobs = [(q, v) for q in queries[lo:hi] for v in range(t.views)]  # query-major, view-minor
+            items, skipped = [], {}  # skipped: query id -> reason (teacher.on_bad_sample skip)
+            for b0 in range(0, len(jobs), t.batch_size):
+                batch = [(q, v) for q, v in jobs[b0: b0 + t.batch_size] if q.id not in skipped]
+                icd_ids = [sample_icds(support_ids, q.id, t.shots, seed=t.seed, view=v, sampler=t.sampler,
+                                       answers=support_answers) for q, v in batch]
+                prompts = _prompts(build, batch, icd_ids, t.on_bad_sample, skipped)
+                batch, icd_ids, prompts = _rows(prompts, batch, icd_ids, prompts)
+                targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped)
+                batch, icd_ids, targets = _rows(targets, batch, icd_ids, targets)
+                items += [Item(q.id, v, span_ids, hidden_tld, tuple(ids), keep)
+                          for (q, v), ids, (span_ids, hidden_tld, keep) in zip(batch, icd_ids, targets)]
+            items = [it for it in items if it.sample_id not in skipped]  # a query refused at a later view
+            if pending is not None:
+                pending.result()  # one shard in flight at most; a write error surfaces here
+            pending = pool.submit(writer.write_shard, shard, items, skipped)
+        if pending is not None:
+            pending.result()
     return t.store

@@ -52,6 +52,9 @@ def read_manifest(root: Root) -> Manifest:
     if version > FORMAT_VERSION:
         raise StoreError(f"store format version {version} is newer than this reader ({FORMAT_VERSION}); "
                          f"upgrade mimic-pipeline to read {root.url}")
+    if version < FORMAT_VERSION:
+        raise StoreError(f"store {root.url} has format version {version}, this reader reads {FORMAT_VERSION} only; "
+                         "rebuild it with `pipeline run teacher` into a new path")
     try:
         return Manifest.from_json(raw.decode("utf-8"))
     except StoreError as e:
@@ -150,7 +153,10 @@ def checksum(values: np.ndarray) -> str:
     the canonical JSON list of the strings."""
     if values.dtype.kind in "OTU":
         return hashlib.sha256(canonical_json([str(v) for v in values.tolist()])).hexdigest()
-    return hashlib.sha256(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()).hexdigest()
+    if values.size == 0:  # memoryview cannot cast an empty array (a shard whose queries were all skipped)
+        return hashlib.sha256(b"").hexdigest()
+    # A memoryview hashes the buffer in place: tobytes() would copy the whole shard first.
+    return hashlib.sha256(memoryview(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))).cast("B")).hexdigest()
 
 
 def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray], value_dtype: str) -> None:

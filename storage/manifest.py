@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from storage.errors import StoreError, StoreMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the per-token `keep` array (text-only spans); PROTOCOL.md, Versioning
 DTYPES = ("float32", "float16", "bfloat16")
 # Fields that change from run to run without changing the targets: excluded from the fingerprint,
 # from diff() and from "identical store" comparisons.

@@ -128,7 +128,7 @@ def test_student_dry_run_for_1_and_8_ranks(tmp_path):
     one = _dry_run(["run", "student"], {}, tmp_path)
     assert (one["world_size"], one["micro_batch_per_rank"], one["accumulation_steps"]) == (1, 2, 2)
     assert one["deepspeed"]["train_micro_batch_size_per_gpu"] == 2
-    assert one["deepspeed"]["zero_optimization"] == {"stage": 2}
+    assert one["deepspeed"]["zero_optimization"]["stage"] == 2
     assert (one["items"], one["epochs"], one["steps_per_epoch"]) == (64, 10, 16)
     eight = _dry_run(["run", "student", "--set", "student.global_batch=16", "--zero-stage", "3"],
                      {"RANK": "0", "WORLD_SIZE": "8"}, tmp_path)

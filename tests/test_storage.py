@@ -316,10 +316,10 @@ def test_changed_configuration_is_refused_naming_the_field(tmp_path):
 _RACER = """
 import sys, time
 from storage.errors import StoreMismatch
-from storage.manifest import Manifest
+from storage.manifest import FORMAT_VERSION, Manifest
 from storage.writer import open_for_write
 url, start, shots = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-m = Manifest(1, {"shots": shots}, ("a", "b"), 1, 1, 1, 1, "float32")
+m = Manifest(FORMAT_VERSION, {"shots": shots}, ("a", "b"), 1, 1, 1, 1, "float32")
 while time.time() < start:
     pass
 try:
@@ -403,7 +403,7 @@ def test_verify_reports_a_missing_shard_and_a_foreign_marker(store):
 def test_unknown_format_version_is_refused(store):
     path = Path(store) / "manifest.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 7, "new_field": 1}))
-    expected = "store format version 7 is newer than this reader (1); upgrade mimic-pipeline"
+    expected = f"store format version 7 is newer than this reader ({FORMAT_VERSION}); upgrade mimic-pipeline"
     with pytest.raises(StoreError, match=re.escape(expected)):
         open_manifest(store)
     with pytest.raises(StoreError, match=re.escape(expected)):
@@ -413,6 +413,9 @@ def test_unknown_format_version_is_refused(store):
     with pytest.raises(StoreError, match=re.escape(expected)):
         open_for_write(store, make_manifest(n_queries=8, shard_size=3))
     assert verify(store)[0].startswith(expected)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(StoreError, match=f"has format version {FORMAT_VERSION - 1}, this reader reads {FORMAT_VERSION} only"):
+        open_manifest(store)
 
 
 def test_a_directory_with_other_files_is_not_taken_over(tmp_path):
@@ -483,7 +486,7 @@ def test_storage_never_imports_models():
 
 def test_inspection_and_writing_do_not_import_torch(tmp_path):
     code = ("import sys, numpy as np; from storage.writer import open_for_write, Item; from storage.inspection import info, verify;"
-            "from storage.manifest import Manifest; m = Manifest(1, {}, ('a',), 1, 1, 2, 2, 'float16');"
+            "from storage.manifest import FORMAT_VERSION, Manifest; m = Manifest(FORMAT_VERSION, {}, ('a',), 1, 1, 2, 2, 'float16');"
             "w = open_for_write(sys.argv[1], m); w.write_shard(0, [Item('a', 0, np.array([1]), np.zeros((1, 2, 2), np.float16), ())]);"
             "assert verify(sys.argv[1]) == [] and info(sys.argv[1])['complete']; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True, timeout=60)

@@ -70,8 +70,12 @@ def family_of(path: str) -> str:
     return model_type
 
 
-def load_model(path: str, family: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """Load a frozen model and its processor from a local directory (or a hub id where a network exists)."""
+def load_model(path: str, family: str = "auto", dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """Load a frozen model and its processor from a local directory (or a hub id where a network exists).
+
+    trust_remote_code: let transformers run Python files shipped with the checkpoint; only when the user
+    asks for it (model.trust_remote_code), since that code runs with the user's rights.
+    """
     from transformers import AutoProcessor
 
     if not os.path.isdir(path):
@@ -93,8 +97,8 @@ def load_model(path: str, family: str = "auto", dtype: str = "float32") -> Loade
         raise UserError(f"model directory {path} has no processor/tokenizer files "
                         "(expected processor_config.json or preprocessor_config.json, and tokenizer.json)")
     adapter = FAMILIES[detected]
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     adapter.prepare_processor(processor)
-    model = adapter.MODEL_CLASS.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
+    model = adapter.MODEL_CLASS.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     model.eval().requires_grad_(False)
     return LoadedModel(detected, adapter, model, processor, path)

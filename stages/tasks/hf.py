@@ -22,11 +22,13 @@ import glob
 import os
 import re
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from stages.errors import UserError
 from stages.tasks.sample import Sample
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ID_COLUMNS = ("question_id", "id", "image_id")
 _HUB_PARQUET = re.compile(r"^(\w+?)-\d+-of-\d+\.parquet$")
@@ -93,6 +95,7 @@ def _read_table(path: str, split: str) -> tuple[pa.Table, str]:
 
 def _load_from_disk(dpath: str):
     import datasets  # here, not at the top: importing it costs ~0.8 s that the other tasks need not pay
+    import pyarrow as pa
 
     try:
         return datasets.load_from_disk(dpath)
@@ -101,6 +104,11 @@ def _load_from_disk(dpath: str):
 
 
 def _read_parquet(fpaths: list[str]) -> pa.Table:
+    # pyarrow here, not at import: the stages load this module, and a GPU job carrying only what it
+    # uses should not need pyarrow (BENCHMARKS.md, gpu.sh) unless it reads HF data.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     tables = []
     for fpath in fpaths:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
@@ -27,6 +28,8 @@ class Sample:
     def load_image(self) -> Image.Image:
         """Decode the image as RGB; a missing, empty or corrupt file is a UserError naming it."""
         where = self.image if isinstance(self.image, str) else f"<bytes of sample {self.id}>"
+        if isinstance(self.image, str) and os.path.isfile(self.image) and os.path.getsize(self.image) == 0:
+            raise UserError(f"image file is empty (0 bytes): {where} (sample {self.id})")
         try:
             src = io.BytesIO(self.image) if isinstance(self.image, bytes) else self.image
             with Image.open(src) as im:

@@ -2,6 +2,11 @@
 
 Deterministic in (seed, query id, view) alone, so any rank, any batch order and any rerun draws the
 same demonstrations. The query never demonstrates itself, and no ICD repeats within one prompt.
+
+Two samplers: `uniform` (k ids uniformly without replacement, as the authors) and `cover`, which covers
+the answer values: the support set is grouped by reference answer, the groups are visited in a seeded
+random order taking one random member of each, round after round, until k. With k at least the number
+of answers, every answer is shown (issue 8: on the toy ICL task a k-shot prompt then holds the answer).
 """
 from __future__ import annotations
 
@@ -17,11 +22,38 @@ def _rng(seed: int, query_id: str, view: int) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def sample_icds(support_ids: Sequence[str], query_id: str, k: int, *, seed: int, view: int) -> list[str]:
-    """k distinct ids drawn uniformly from support_ids without query_id."""
+SAMPLERS = ("uniform", "cover")
+
+
+def sample_icds(support_ids: Sequence[str], query_id: str, k: int, *, seed: int, view: int, sampler: str = "uniform",
+                answers: Sequence[str] | None = None) -> list[str]:
+    """k distinct ids from support_ids without query_id; answers[i]: support_ids[i]'s reference answer (cover only)."""
     n_available = len(support_ids) - (query_id in support_ids)
     if k < 0 or k > n_available:
         raise UserError(f"cannot draw {k} demonstrations: the support set offers {n_available} besides the query "
-                        f"(choose --shots between 0 and {n_available}, or a larger support set)")
+                        f"(choose --shots {n_available} or fewer, or a larger support set: more task.num_queries or "
+                        "task.support=train)")
+    if sampler == "cover":
+        if answers is None or len(answers) != len(support_ids):
+            raise ValueError("the cover sampler needs one reference answer per support id")
+        return _cover(support_ids, answers, query_id, k, _rng(seed, query_id, view))
+    if sampler != "uniform":
+        raise UserError(f"unknown ICD sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     picks = _rng(seed, query_id, view).sample(range(len(support_ids)), min(k + 1, len(support_ids)))
     return [support_ids[i] for i in picks if support_ids[i] != query_id][:k]
+
+
+def _cover(support_ids: Sequence[str], answers: Sequence[str], query_id: str, k: int, rng: random.Random) -> list[str]:
+    groups: dict[str, list[str]] = {}
+    for sid, answer in zip(support_ids, answers):
+        if sid != query_id:
+            groups.setdefault(answer, []).append(sid)
+    order = sorted(groups)  # sorted first, so the draw does not depend on where answers first appear
+    rng.shuffle(order)
+    members = [rng.sample(groups[a], len(groups[a])) for a in order]  # each group in a random order
+    picks: list[str] = []
+    for round_ in range(max(len(m) for m in members)):
+        picks += [m[round_] for m in members if round_ < len(m)]
+        if len(picks) >= k:
+            break
+    return picks[:k]

@@ -1,0 +1,267 @@
+"""Pretrain a small Idefics2 from scratch until it learns the toy colour-to-word tasks in context (issue 8).
+
+    nice -n 19 .venv/bin/python scripts/train_toy_icl.py --out toy_icl_run --final stages/models/toy_icl
+
+Each episode is the seed Tab. 6 prompt (instruction, then up to 32 demonstrations and a query, built by
+stages.tasks.prompts.build_prompt and tokenized by stages.models.encode.tokenize) of one random
+permutation task (stages/tasks/toy_icl.py); CE on every answer token (and the token after it, "\\n" or
+EOS, so generation stops) trains every k at once, since attention is causal. Two aids from
+toy_icl_findings.md: the perceiver latents are re-initialised (in build_model) and a fraction of the
+episodes use one fixed "anchor" task.
+
+Deterministic: the batch of step s depends only on (seed, s). Resumable: a checkpoint (model, optimizer,
+step, elapsed time, RNG state) is written every --ckpt-minutes; rerunning the same command continues.
+Training stops at --steps or after --max-minutes of training in all, then saves the model in the
+normal checkpoint format (save_pretrained + processor) to --final. Held-out accuracy at k = 0, 4, 8, 16
+is logged to <out>/log.jsonl every --eval-every steps.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.models import LoadedModel, idefics2
+from stages.models.encode import tokenize
+from stages.tasks.prompts import build_prompt
+from stages.tasks.sample import Sample
+from stages.tasks.toy_icl import (COLOURS, N_HELD_OUT, QUESTION, WORDS, anchor_permutation, build_model,
+                                  draw_pixels, held_out_permutations, jpeg, permutation)
+
+EVAL_KS = (0, 4, 8, 16)
+N_COLOURS = len(COLOURS)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="toy_icl_run", help="checkpoint and log directory")
+    p.add_argument("--final", default="stages/models/toy_icl", help="where the trained model is saved at the end")
+    p.add_argument("--steps", type=int, default=3200, help="optimiser steps (the cosine schedule's length)")
+    p.add_argument("--max-minutes", type=float, default=80.0, help="stop after this much training, all runs together")
+    p.add_argument("--batch", type=int, default=16, help="episodes per step")
+    p.add_argument("--k-max", type=int, default=32, help="demonstrations per training episode (before the query)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--anchor-frac", type=float, default=0.25, help="fraction of episodes on the fixed anchor task")
+    p.add_argument("--cover-frac", type=float, default=0.5,
+                   help="fraction of episodes whose colours come in shuffled rounds of all 8 (as `cover`)")
+    p.add_argument("--pool", type=int, default=256, help="pre-drawn images per colour (training and eval pools apart)")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
+    p.add_argument("--eval-episodes", type=int, default=256, help="held-out episodes per evaluation")
+    p.add_argument("--ckpt-minutes", type=float, default=3.0, help="minutes between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other core to benchmarks)")
+    return p.parse_args(argv)
+
+
+# Arguments that change what is trained: a resumed run must have the same ones.
+RESUME_KEYS = ("steps", "batch", "k_max", "lr", "warmup", "anchor_frac", "cover_frac", "pool", "seed")
+
+
+def pool_images(n_per_colour: int, seed: int) -> list[list[Image.Image]]:
+    """[colour][i]: images that take the data set's path (draw, JPEG, decode): training sees what the pipeline feeds."""
+    rng = np.random.default_rng([seed, 0x1AA6E])
+    return [[Image.open(io.BytesIO(jpeg(draw_pixels(c, rng)))).convert("RGB") for _ in range(n_per_colour)]
+            for c in range(N_COLOURS)]
+
+
+def make_pools(processor, images: list[list[Image.Image]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values [c, n, 3, H, W] and pixel_attention_mask [c, n, H, W], through the processor as the adapter does."""
+    n_colours, n = len(images), len(images[0])
+    out = processor.image_processor([[im] for row in images for im in row], return_tensors="pt")
+    pixels = out["pixel_values"][:, 0].reshape(n_colours, n, *out["pixel_values"].shape[2:])
+    mask = out["pixel_attention_mask"][:, 0].reshape(n_colours, n, *out["pixel_attention_mask"].shape[2:])
+    return pixels, mask
+
+
+class Episodes:
+    """Token ids and targets of an episode, from the pipeline's prompt builder and tokenizer."""
+
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.word_ids = [lm.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in WORDS]
+        self.blank = Image.new("RGB", (1, 1))  # tokenize only needs to know where the images are
+
+    def ids(self, words: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """ids of the prompt whose items are answered WORDS[w] for w in words (the last one the query, + EOS),
+        and the positions of the answer tokens."""
+        items = [Sample(str(i), "", QUESTION, (WORDS[w],)) for i, w in enumerate(words)]
+        prompt = build_prompt("vqa", "icl", items[-1], [(s, s.answers[0]) for s in items[:-1]],
+                              answer=items[-1].answers[0], load=lambda s: self.blank)
+        ids, _ = tokenize(self.lm, prompt)
+        where = [i for i, t in enumerate(ids) if t in self.word_ids]
+        assert [ids[i] for i in where] == [self.word_ids[w] for w in words], (len(where), len(words))
+        return ids, where
+
+
+def episode_colours(rng: np.random.Generator, n_items: int, cover: bool) -> np.ndarray:
+    if not cover:
+        return rng.integers(0, N_COLOURS, n_items)
+    rounds = [rng.permutation(N_COLOURS) for _ in range(math.ceil(n_items / N_COLOURS))]
+    return np.concatenate(rounds)[:n_items]
+
+
+def make_batch(eps: Episodes, pools, perms: list[tuple[int, ...]], colours: np.ndarray, image_idx: np.ndarray) -> dict:
+    """Model inputs [b, t] and targets for episodes of equal length (every item has the same token count)."""
+    pixels, mask = pools
+    rows, where = [], None
+    for perm, cols in zip(perms, colours):
+        ids, where = eps.ids(tuple(perm[c] for c in cols))
+        rows.append(ids)
+    input_ids = torch.tensor(rows)  # [b, t]
+    targets = torch.tensor(where + [w + 1 for w in where])  # answer tokens and the token after each
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "pixel_values": pixels[colours, image_idx],               # [b, n_items, 3, H, W]
+            "pixel_attention_mask": mask[colours, image_idx],         # [b, n_items, H, W]
+            "targets": targets, "n_answers": len(where)}
+
+
+def train_batch(eps, pools, args, step: int, anchor, held_out) -> dict:
+    rng = np.random.default_rng([args.seed, 7, step])
+    n_items = args.k_max + 1
+    perms, colours = [], []
+    for _ in range(args.batch):
+        if rng.random() < args.anchor_frac:
+            perm = anchor
+        else:
+            while (perm := tuple(int(i) for i in rng.permutation(N_COLOURS))) in held_out:
+                pass
+        perms.append(perm)
+        colours.append(episode_colours(rng, n_items, rng.random() < args.cover_frac))
+    return make_batch(eps, pools, perms, np.stack(colours), rng.integers(0, args.pool, (args.batch, n_items)))
+
+
+def loss_of(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over answer tokens and following tokens, and the CE over answer tokens alone."""
+    targets = batch["targets"]
+    inputs = {k: v for k, v in batch.items() if k not in ("targets", "n_answers")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(**inputs, logits_to_keep=targets - 1).logits.float()  # [b, n_targets, vocab]
+    labels = batch["input_ids"][:, targets]  # [b, n_targets]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    return ce.mean(), ce[:, : batch["n_answers"]].mean().detach()
+
+
+@torch.no_grad()
+def evaluate(model, eps, pools, n_episodes: int) -> dict:
+    """Accuracy (full-vocab argmax) on held-out tasks: cover-ordered demos, a query of a uniform colour."""
+    rng = np.random.default_rng([12345, 0])
+    perms = [permutation(i % N_HELD_OUT) for i in range(n_episodes)]
+    demo_cols = np.stack([episode_colours(rng, max(EVAL_KS), True) for _ in range(n_episodes)])
+    query_col = rng.integers(0, N_COLOURS, (n_episodes, 1))
+    idx = rng.integers(0, pools[0].shape[1], (n_episodes, max(EVAL_KS) + 1))
+    model.eval()
+    out = {}
+    for k in EVAL_KS:
+        cols = np.concatenate([demo_cols[:, :k], query_col], 1)
+        ii = np.concatenate([idx[:, :k], idx[:, -1:]], 1)
+        correct = 0
+        for lo in range(0, n_episodes, 64):
+            batch = make_batch(eps, pools, perms[lo:lo + 64], cols[lo:lo + 64], ii[lo:lo + 64])
+            q = batch["targets"][batch["n_answers"] - 1: batch["n_answers"]]
+            inputs = {k2: v for k2, v in batch.items() if k2 not in ("targets", "n_answers")}
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(**inputs, logits_to_keep=q - 1).logits[:, 0]  # [b, vocab]
+            correct += (logits.argmax(-1) == batch["input_ids"][:, q[0]]).sum().item()
+        out[f"k{k}"] = correct / n_episodes
+    model.train()
+    return out
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(fpath: str, model, opt, step: int, elapsed_s: float, args) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed_s": elapsed_s,
+             "torch_rng": torch.get_rng_state(), "args": {k: getattr(args, k) for k in RESUME_KEYS}}
+    torch.save(state, fpath + ".tmp")
+    os.replace(fpath + ".tmp", fpath)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def save_final(model, processor, dpath: str, summary: dict) -> None:
+    parent = os.path.dirname(os.path.abspath(dpath))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "training.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if os.path.exists(dpath):
+        shutil.rmtree(dpath)
+    os.replace(tmp, dpath)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_fpath, log_fpath = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
+
+    model, processor = build_model(args.seed)
+    idefics2.prepare_processor(processor)
+    lm = LoadedModel("idefics2", idefics2, model, processor, args.final)
+    eps = Episodes(lm)
+    train_pools = make_pools(processor, pool_images(args.pool, args.seed))
+    eval_pools = make_pools(processor, pool_images(args.pool, args.seed + 1))
+    anchor, held_out = anchor_permutation(), held_out_permutations()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    step, elapsed_s = 0, 0.0
+    if os.path.isfile(ckpt_fpath):
+        state = torch.load(ckpt_fpath, weights_only=True)  # our own checkpoint, but never unpickle more than tensors
+        differ = {k: (v, getattr(args, k)) for k, v in state["args"].items() if getattr(args, k) != v}
+        if differ:
+            raise SystemExit(f"{ckpt_fpath} was made with other settings {differ} (checkpoint, now); "
+                             f"use the same ones or another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed_s = state["step"], state["elapsed_s"]
+        print(f"resumed at step {step} after {elapsed_s / 60:.1f} min")
+    model.train()
+
+    t_start, t_ckpt, log = time.monotonic() - elapsed_s, time.monotonic(), open(log_fpath, "a")
+    while step < args.steps and time.monotonic() - t_start < args.max_minutes * 60:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss, answer_ce = loss_of(model, train_batch(eps, train_pools, args, step, anchor, held_out))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        record = {"step": step, "min": round((time.monotonic() - t_start) / 60, 2), "loss": round(loss.item(), 4),
+                  "answer_ce": round(answer_ce.item(), 4), "lr": lr_at(step - 1, args)}
+        if step % args.eval_every == 0:
+            record |= evaluate(model, eps, eval_pools, args.eval_episodes)
+        if step % 10 == 0 or step == 1 or "k0" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(json.dumps(record), flush=True)
+        if time.monotonic() - t_ckpt > args.ckpt_minutes * 60:
+            save_checkpoint(ckpt_fpath, model, opt, step, time.monotonic() - t_start, args)
+            t_ckpt = time.monotonic()
+    save_checkpoint(ckpt_fpath, model, opt, step, time.monotonic() - t_start, args)
+    final = evaluate(model, eps, eval_pools, args.eval_episodes)
+    record = {"step": step, "min": round((time.monotonic() - t_start) / 60, 2), "final": True, **final}
+    log.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    save_final(model, processor, args.final, {"steps": step, "minutes": record["min"], "held_out_accuracy": final,
+                                              "args": vars(args)})
+    print(f"saved the trained model to {args.final}")
+
+
+if __name__ == "__main__":
+    main()

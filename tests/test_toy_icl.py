@@ -1,0 +1,119 @@
+"""The toy ICL task and its pretraining script (issue 8): the mechanics only, never emergent ICL.
+
+The data set reads through the VQA loader; training batches equal what stages.models.encode builds;
+a short run on tiny settings lowers the loss; the saved model loads through stages.models.load_model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from stages.errors import UserError
+from stages.models import LoadedModel, idefics2, load_model
+from stages.models.encode import encode
+from stages.tasks import get_task
+from stages.tasks.prompts import build_prompt
+from stages.tasks.sample import Sample
+from stages.tasks.toy_icl import (COLOURS, N_HELD_OUT, QUESTION, WORDS, anchor_permutation, build_model,
+                                  held_out_permutations, permutation, write_toy_icl)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_toy_icl", os.path.join(ROOT, "scripts", "train_toy_icl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_written_task_loads_through_the_vqa_loader(tmp_path):
+    root = str(tmp_path / "toy")
+    write_toy_icl(root, 3, n_train=24, n_val=16)
+    write_toy_icl(root, 3, n_train=24, n_val=16)  # complete: a no-op
+    perm = permutation(3)
+    task = get_task("vqav2")
+    train, val = task.load(root, "train"), task.load(root, "val")
+    assert len(train) == 24 and len(val) == 16 and not {s.id for s in train} & {s.id for s in val}
+    assert Counter(s.answers[0] for s in train) == Counter({WORDS[p]: 3 for p in perm})  # colours balanced
+    for s in train[:8]:
+        assert s.question == QUESTION and len(s.answers) == 10 and len(set(s.answers)) == 1
+        pixels = np.asarray(s.load_image(), np.float64)
+        assert pixels.shape == (16, 16, 3) and pixels.std() > 2  # never uniform
+        colour = int(np.argmin([np.abs(pixels.mean((0, 1)) - c).sum() for c in COLOURS]))
+        assert s.answers[0] == WORDS[perm[colour]]  # the image's colour, mapped by the task
+    with pytest.raises(UserError, match="not this toy ICL set"):
+        write_toy_icl(root, 4, n_train=24, n_val=16)
+    with pytest.raises(UserError, match="not held out"):
+        write_toy_icl(str(tmp_path / "other"), N_HELD_OUT)
+
+
+def test_held_out_tasks_are_distinct_and_the_anchor_is_not_one():
+    held_out = held_out_permutations()
+    assert len(held_out) == N_HELD_OUT and anchor_permutation() not in held_out
+
+
+def test_training_batches_equal_the_pipeline_encoding():
+    script = _script()
+    model, processor = build_model(0)
+    idefics2.prepare_processor(processor)
+    lm = LoadedModel("idefics2", idefics2, model, processor, "toy")
+    images = script.pool_images(3, seed=5)
+    pools = script.make_pools(processor, images)
+    perm, colours, idx = permutation(0), np.array([[2, 7, 2, 0, 5]]), np.array([[0, 1, 2, 1, 0]])
+    batch = script.make_batch(script.Episodes(lm), pools, [perm], colours, idx)
+
+    items = [Sample(str(i), "", QUESTION, (WORDS[perm[c]],)) for i, c in enumerate(colours[0])]
+    image_of = {s.id: images[c][j] for s, c, j in zip(items, colours[0], idx[0])}
+    prompt = build_prompt("vqa", "icl", items[-1], [(s, s.answers[0]) for s in items[:-1]],
+                          answer=items[-1].answers[0], load=lambda s: image_of[s.id])
+    enc = encode(lm, [prompt])
+    for key in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"):
+        assert torch.equal(batch[key], enc.inputs[key].to(batch[key].dtype)), key
+    assert batch["n_answers"] == 5
+
+
+def test_short_training_lowers_the_loss_and_the_model_loads(tmp_path):
+    script = _script()
+    out, final = str(tmp_path / "run"), str(tmp_path / "model")
+    script.main(["--out", out, "--final", final, "--steps", "30", "--batch", "4", "--k-max", "4", "--pool", "8",
+                 "--warmup", "1", "--lr", "3e-3", "--eval-every", "1000", "--eval-episodes", "16", "--threads", "1"])
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    losses = {r["step"]: r["loss"] for r in log if "loss" in r}
+    assert losses[30] < losses[1] - 1.0, losses
+    assert log[-1]["final"] and {"k0", "k4", "k8", "k16"} <= set(log[-1])
+    lm = load_model(final)
+    assert lm.family == "idefics2" and lm.processor.image_seq_len == 4
+    assert json.load(open(os.path.join(final, "training.json")))["steps"] == 30
+    # Rerunning the finished command resumes from its checkpoint and trains no further step.
+    script.main(["--out", out, "--final", final, "--steps", "30", "--batch", "4", "--k-max", "4", "--pool", "8",
+                 "--warmup", "1", "--lr", "3e-3", "--eval-every", "1000", "--eval-episodes", "16", "--threads", "1"])
+    assert json.load(open(os.path.join(final, "training.json")))["steps"] == 30
+
+
+def test_a_step_batch_depends_only_on_seed_and_step_and_never_shows_a_held_out_task():
+    script = _script()
+    model, processor = build_model(0)
+    lm = LoadedModel("idefics2", idefics2, model, processor, "toy")
+    eps, pools = script.Episodes(lm), script.make_pools(processor, script.pool_images(4, seed=0))
+    args = script.parse_args(["--batch", "8", "--k-max", "8", "--pool", "4"])
+    anchor, held_out = anchor_permutation(), held_out_permutations()
+    a, b = (script.train_batch(eps, pools, args, 7, anchor, held_out) for _ in range(2))
+    assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "pixel_values", "targets"))
+    assert not torch.equal(a["input_ids"], script.train_batch(eps, pools, args, 8, anchor, held_out)["input_ids"])
+    word_of = {eps.word_ids[w]: w for w in range(len(WORDS))}
+    palette = torch.tensor(COLOURS, dtype=torch.float32) / 127.5 - 1  # normalised as the processor does
+    for row, means in zip(a["input_ids"], a["pixel_values"].mean((3, 4))):  # means [n_items, 3]
+        colours = torch.cdist(means, palette).argmin(-1).tolist()
+        words = [word_of[int(t)] for t in row[a["targets"][: a["n_answers"]]]]
+        pairs = set(zip(colours, words))
+        # One task per episode: a colour always gets the same word, two colours never share one.
+        assert len(pairs) == len(set(colours)) == len(set(words))
+        if len(pairs) == len(COLOURS):
+            assert tuple(w for _, w in sorted(pairs)) not in held_out

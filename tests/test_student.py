@@ -7,7 +7,10 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from stages.tasks.prompts import reference_answer
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -142,3 +145,32 @@ def test_zero_stages_train_the_same_heads(setup):
         heads[stage] = _heads(tmp / f"zero{stage}")
     for name in heads[0]:
         assert (heads[0][name] - heads[3][name]).abs().max() < 1e-5, name
+
+
+def test_batch_aligns_targets_and_masks_with_the_span(setup, model_dirs, data_root):
+    """make_batch: [BOS] + stored span, targets at the span's positions, L_gt from the answer on when asked."""
+    from stages.models import load_model
+    from stages.models.encode import tokenize
+    from stages.student import make_batch
+    from stages.tasks import get_task
+    from stages.tasks.prompts import build_prompt
+    from storage.reader import read_items
+
+    tmp, _ = setup
+    lm = load_model(model_dirs["idefics2"])
+    items = list(read_items(str(tmp / "store-vqav2-4shot")))[:3]
+    samples = {s.id: s for s in get_task("vqav2").load(data_root, "train")}
+    starts = {}
+    for it in items:
+        ids, start = tokenize(lm, build_prompt("vqa", "mimic", samples[it.sample_id], [], load=lambda _: None))
+        starts[it.sample_id] = len(ids) - start
+    images = [[samples[it.sample_id].load_image()] for it in items]
+    inputs, target, span_mask, ce_mask = make_batch(lm, items, images, starts)
+    t = inputs["input_ids"].shape[1]
+    for b, it in enumerate(items):
+        n = len(it.token_ids)
+        assert inputs["input_ids"][b, t - n - 1] == lm.tokenizer.bos_token_id
+        assert inputs["input_ids"][b, t - n:].tolist() == it.token_ids.tolist()
+        assert span_mask[b].sum() == n and torch.equal(target[b, t - n:], it.hidden)
+        answer = lm.tokenizer.decode(inputs["input_ids"][b][ce_mask[b].bool()])
+        assert answer.strip() == f"{reference_answer(samples[it.sample_id])}</s>".strip()

@@ -95,6 +95,7 @@ class TeacherBatch:
     jobs: list          # [(query, view)]
     icd_ids: list       # per row, ICD ids
     enc: object         # stages.models.encode.Encoded
+    prompts: list = dataclasses.field(default_factory=list)  # the prompts `enc` was encoded from
 
 
 def teacher_batches(cfg, lm, manifest=None) -> list[TeacherBatch]:
@@ -127,7 +128,7 @@ def teacher_batches(cfg, lm, manifest=None) -> list[TeacherBatch]:
             prompts = [build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],
                                     answer=reference_answer(q, tc.answer), load=load)
                        for (q, _), ids in zip(batch, icd_ids)]
-            out.append(TeacherBatch(shard, batch, icd_ids, encode(lm, prompts)))
+            out.append(TeacherBatch(shard, batch, icd_ids, encode(lm, prompts), prompts))
     return out
 
 

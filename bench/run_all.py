@@ -4,6 +4,10 @@ write bench/results.json and rewrite BENCHMARKS.md from it.
     .venv/bin/python -m bench.run_all            # the full suite, ~10 min on 2 cores
     .venv/bin/python -m bench.run_all --quick    # small settings, to check the scripts (~3 min)
     .venv/bin/python -m bench.run_all --render   # only rewrite BENCHMARKS.md from bench/results.json
+    .venv/bin/python -m bench.run_all --only p1 p4   # rerun some; merged into bench/results.json
+
+Results are merged into bench/results.json: a rerun replaces the figures it ran and keeps the others;
+every figure carries its own date, machine and load average, and BENCHMARKS.md says which run each came from.
 """
 from __future__ import annotations
 
@@ -69,11 +73,38 @@ def run(commands: dict, only: list[str]) -> dict:
             print(p.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{name} failed ({p.returncode})")
         result = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
-        result |= {"loadavg_before": before, "loadavg_after": loadavg(), "wall_s": time.perf_counter() - s0}
+        result |= {"loadavg_before": before, "loadavg_after": loadavg(), "wall_s": time.perf_counter() - s0,
+                   "date": out["date"]}
         out["results"][name] = result
         print(f"[run_all] {name}: {result['wall_s']:.0f} s", flush=True)
     out["total_s"] = time.perf_counter() - t0
     return out
+
+
+def merge(old: dict | None, new: dict) -> dict:
+    """`new`'s figures over `old`'s: the figures not rerun keep their numbers, date, machine and load.
+
+    Each result records the date of the run that made it (older files have only a top-level date, which
+    is copied into their results); `runs` lists every run that contributed, with what it ran.
+    """
+    if not old:
+        old = {"results": {}, "commands": {}, "runs": []}
+    if "runs" not in old:  # a file written before merging existed: one run, all of its figures
+        old["runs"] = [{"date": old["date"], "machine": old["machine"], "model": old["model"],
+                        "total_s": old["total_s"], "ran": list(old["results"])}]
+        for r in old["results"].values():
+            r.setdefault("date", old["date"])
+    runs = [run for run in old["runs"] if set(run["ran"]) - set(new["results"])]  # drop runs fully superseded
+    runs.append({"date": new["date"], "machine": new["machine"], "model": new["model"], "total_s": new["total_s"],
+                 "ran": list(new["results"])})
+    results = {**old["results"], **new["results"]}
+    commands = {**old["commands"], **new["commands"]}
+    order = list(FULL)
+    key = lambda k: order.index(k) if k in order else len(order)  # noqa: E731
+    return {"date": max(run["date"] for run in runs), "machine": new["machine"], "model": new["model"],
+            "commands": {k: commands[k] for k in sorted(commands, key=key)},
+            "results": {k: results[k] for k in sorted(results, key=key)}, "runs": runs,
+            "total_s": sum(run["total_s"] for run in runs)}
 
 
 # -- BENCHMARKS.md -------------------------------------------------------------------------------
@@ -128,6 +159,28 @@ def rows(res: dict) -> list[tuple]:
     return out
 
 
+def _machine_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores (virtual, shared with other jobs), {m['mem_mb']} MB RAM, "
+            f"Linux {m['kernel']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, zarr {m['zarr']}")
+
+
+def _runs_lines(res: dict) -> list[str]:
+    runs = res.get("runs") or [{"date": res["date"], "machine": res["machine"], "total_s": res["total_s"],
+                                "ran": list(res["results"])}]
+    lines = []
+    for run in runs:
+        here = [k for k in run["ran"] if res["results"].get(k, {}).get("date", res["date"]) == run["date"]]
+        since = [k for k in run["ran"] if k not in here]
+        lines.append(f"- run of {run['date']} ({run['total_s'] / 60:.1f} min): {', '.join(here)}"
+                     + (f" (it also ran {', '.join(since)}, rerun since)" if since else ""))
+    machines = {_machine_line(run["machine"]) for run in runs}
+    if len(machines) == 1:
+        lines.append(f"- machine (every run): {machines.pop()}")
+    else:
+        lines += [f"- machine of the run of {run['date']}: {_machine_line(run['machine'])}" for run in runs]
+    return lines
+
+
 def render(res: dict) -> str:
     m, r = res["machine"], res["results"]
     lines = [
@@ -140,13 +193,12 @@ def render(res: dict) -> str:
         "Each benchmark, as run:", "",
         "```bash", *res["commands"].values(), "```", "",
         "`bench/gpu.sh` times teacher and student on a lent H100/H200 (see its header); it has not been run here.", "",
-        "## Run", "",
-        f"- date: {res['date']}; total wall time {res['total_s'] / 60:.1f} min",
-        f"- machine: {m['cpu']}, {m['cores']} cores (virtual, shared with other jobs), {m['mem_mb']} MB RAM, "
-        f"Linux {m['kernel']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, zarr {m['zarr']}",
+        "## Runs", "",
+        *_runs_lines(res),
         f"- model: {res['model']}",
-        "- load average (/proc/loadavg) before → after each benchmark: "
-        + "; ".join(f"{k} {v['loadavg_before'].split()[0]}→{v['loadavg_after'].split()[0]}" for k, v in r.items()),
+        "- per benchmark, date of its run and load average (/proc/loadavg, 1 min) before → after: "
+        + "; ".join(f"{k} {v.get('date', res['date'])[:16].replace('T', ' ')} {v['loadavg_before'].split()[0]}→"
+                    f"{v['loadavg_after'].split()[0]}" for k, v in r.items()),
         "", "## Results", "",
         "| figure | measured | baseline | ratio | target | met |", "|---|---|---|---|---|---|",
     ]
@@ -157,7 +209,12 @@ def render(res: dict) -> str:
         p = r["p1"]
         lines.append(f"- P1: {p['queries']} queries, k = {p['shots']}, {p['prompt_tokens']} prompt tokens per pass; bare "
                      f"{p['bare_tokens_per_s']:.0f} tokens/s, teacher {p['teacher_tokens_per_s']:.0f} tokens/s; "
-                     f"write_shard (incl. fsync and publish) {p['write_shard_s_per_rep']:.3f} s per pass.")
+                     + (f"{p['shards']} shards per pass, each written on the teacher's background thread "
+                        f"(write_shard incl. fsync and publish {p['write_shard_s_per_rep']:.3f} s per pass); the teacher "
+                        f"thread waited on writes {_pm(p['write_wait_s'])} s per pass, of which the last shard's "
+                        f"(not overlapped) {_pm(p['last_write_wait_s'])} s."
+                        if p.get("background_write") else
+                        f"write_shard (incl. fsync and publish) {p['write_shard_s_per_rep']:.3f} s per pass."))
     if "p2" in r:
         p = r["p2"]
         lines.append(f"- P2: {p['queries']} queries, {p['steps_per_epoch']} steps per epoch, {p['step_ms_ram']:.0f} ms per step in RAM.")
@@ -174,8 +231,9 @@ def render(res: dict) -> str:
     if "profile_store" in r:
         w, rd = r["profile_store"]["write"], r["profile_store"]["read_load_items"]
         g = lambda d, k: d.get(k, {}).get("cum_s", 0.0)  # noqa: E731
+        when = r["profile_store"].get("date", res["date"])
         lines += ["", "Store profile (`bench.profile_store`, cProfile, 2 float16 shards of 64 items, "
-                  f"{r['profile_store']['files']} files and {r['profile_store']['dirs']} directories per store):", "",
+                  f"{r['profile_store']['files']} files and {r['profile_store']['dirs']} directories per store; run of {when}):", "",
                   f"- write_shard × 2: {w['total_s']:.3f} s = fsync {g(w, 'posix.fsync'):.3f} s ({w.get('posix.fsync', {}).get('calls', 0)} calls) "
                   f"+ checksums {g(w, 'checksum'):.3f} s (of which `tobytes` copies {g(w, 'tobytes'):.3f} s, sha256 "
                   f"{g(w, 'openssl_sha256'):.3f} s) + zarr write {g(w, 'write_arrays'):.3f} s + packing {g(w, '_shard_arrays'):.3f} s",
@@ -198,7 +256,10 @@ def main():
         res = json.load(open(RESULTS))
     else:
         res = run(QUICK if args.quick else FULL, args.only)
-        with open(RESULTS if not args.quick else RESULTS.replace(".json", "-quick.json"), "w") as f:
+        path = RESULTS if not args.quick else RESULTS.replace(".json", "-quick.json")
+        if not args.quick and os.path.isfile(RESULTS):
+            res = merge(json.load(open(RESULTS)), res)
+        with open(path, "w") as f:
             json.dump(res, f, indent=1)
     analysis = os.path.join(REPO, "bench", "analysis.md")
     global MISSES_NOTE

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
+from stages.errors import UserError
 from stages.models import load_model
 from stages.models.encode import encode
-from stages.errors import UserError
 from stages.models.heads import attach, build_heads, load_heads
 from stages.tasks import get_task
 from stages.tasks.pools import eval_queries, support_set, training_queries

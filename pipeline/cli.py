@@ -155,7 +155,7 @@ def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, de
 
 
 @cli.command("make-model")
-@click.option("--family", type=click.Choice(["idefics", "idefics2"]), default="idefics2", show_default=True)
+@click.option("--family", type=click.Choice(["idefics", "idefics2", "idefics3"]), default="idefics2", show_default=True)
 @click.option("--out", "out_dpath", required=True, type=click.Path(file_okay=False))
 @click.option("--hidden", type=int, default=64, show_default=True, help="language model hidden size.")
 @click.option("--layers", type=int, default=4, show_default=True, help="decoder layers.")

@@ -20,7 +20,7 @@ from stages.errors import UserError
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""                 # checkpoint directory or hub id; "" = the embedded default (built on first use)
-    family: str = "auto"           # idefics | idefics2 | auto (read from config.json)
+    family: str = "auto"           # idefics | idefics2 | idefics3 | auto (read from config.json)
     dtype: str = "float32"         # weights and compute: float32 | bfloat16 | float16 | float64
     trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint; only for checkpoints you trust
 
@@ -102,7 +102,7 @@ class Config:
 
 
 CHOICES = {
-    ("model", "family"): ("auto", "idefics", "idefics2"),
+    ("model", "family"): ("auto", "idefics", "idefics2", "idefics3"),
     ("model", "dtype"): ("float32", "bfloat16", "float16", "float64"),
     ("task", "answer"): ("most_common", "first"),
     ("task", "support"): ("queries", "train"),

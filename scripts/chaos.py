@@ -307,7 +307,7 @@ def student_chaos(setup: Setup, kills: int, rng: random.Random, say=print, save_
     say(f"student reference: {total} steps, a checkpoint every {save_every}")
 
     records, attempt = [], 0
-    latest = os.path.join(chaos, "checkpoints", "latest")
+    latest = os.path.join(chaos, "checkpoints", "last_complete")  # the student's atomic pointer
     while True:
         attempt += 1
         log_fpath = os.path.join(work, "logs", f"student-{attempt:03d}.log")

@@ -162,7 +162,22 @@ def ds_config(s, micro: int, accumulation: int, dtype: str, n_head_params: int =
             "steps_per_print": 10**9, "wall_clock_breakdown": False}
 
 
-def _load_checkpoint(engine, ckpt_dpath: str) -> dict:
+# DeepSpeed's own `latest` is written in place (open 'w', then write), so a kill at that moment leaves it
+# empty; this pointer to the last complete checkpoint is replaced atomically after each save.
+COMPLETE = "last_complete"
+
+
+def _save_checkpoint(engine, ckpt_dpath: str, step: int, client: dict, rank: int) -> None:
+    tag = f"step{step}"
+    engine.save_checkpoint(ckpt_dpath, tag=tag, client_state=client)
+    if rank == 0:
+        tmp = os.path.join(ckpt_dpath, COMPLETE + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(tag)
+        os.replace(tmp, os.path.join(ckpt_dpath, COMPLETE))
+
+
+def _load_checkpoint(engine, ckpt_dpath: str, tag: str) -> dict:
     """engine.load_checkpoint, unpickling nothing but tensors and a few allow-listed DeepSpeed types.
 
     DeepSpeed's checkpoint engine calls torch.load(weights_only=False), which runs any code pickled into
@@ -177,9 +192,9 @@ def _load_checkpoint(engine, ckpt_dpath: str) -> dict:
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            _, client = engine.load_checkpoint(ckpt_dpath)
+            _, client = engine.load_checkpoint(ckpt_dpath, tag=tag)
     except Exception as e:  # UnpicklingError for a type other than tensors; others for a damaged checkpoint
-        where = os.path.join(ckpt_dpath, open(os.path.join(ckpt_dpath, "latest")).read().strip())
+        where = os.path.join(ckpt_dpath, tag)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         if isinstance(e, torch.serialization.pickle.UnpicklingError):
             reason = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
@@ -232,8 +247,8 @@ def run(cfg: "Config") -> str:
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
     os.makedirs(s.out, exist_ok=True)
     step = 0
-    if os.path.isfile(os.path.join(ckpt_dpath, "latest")):
-        client = _load_checkpoint(engine, ckpt_dpath)
+    if os.path.isfile(os.path.join(ckpt_dpath, COMPLETE)):
+        client = _load_checkpoint(engine, ckpt_dpath, open(os.path.join(ckpt_dpath, COMPLETE)).read().strip())
         reader.load_state_dict(client["reader"])
         step = client["step"]
         if rank == 0 and os.path.isfile(log_fpath):  # steps logged after that checkpoint are redone
@@ -283,7 +298,7 @@ def run(cfg: "Config") -> str:
             bar.update(1)
             bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}")
             if step % s.save_every == 0 or step == total:
-                engine.save_checkpoint(ckpt_dpath, tag=f"step{step}", client_state={"step": step, "reader": reader.state_dict()})
+                _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict()}, rank)
     bar.close()
     if rank == 0:
         save_heads(heads, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],

@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages.models.tiny import make_model
 
-FAMILIES = ["idefics", "idefics2"]
+FAMILIES = ["idefics", "idefics2", "idefics3"]
 
 
 @pytest.fixture(scope="session")

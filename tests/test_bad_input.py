@@ -209,7 +209,7 @@ def test_unknown_model_family(pipeline, model_dirs, data, tmp_path):
     config = json.load(open(model / "config.json"))
     json.dump({**config, "model_type": "llama"}, open(model / "config.json", "w"))
     one_error(pipeline(*teacher_args(model, data, tmp_path / "out")),
-              r"llama/config\.json: unknown model family 'llama'; supported: idefics, idefics2$")
+              r"llama/config\.json: unknown model family 'llama'; supported: idefics, idefics2, idefics3$")
 
 
 def test_model_directory_without_processor_files(pipeline, model_dirs, data, tmp_path):

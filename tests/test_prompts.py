@@ -158,7 +158,7 @@ def test_encode_matches_the_official_processor(lm):
     prompts = [_icl_prompt(SAMPLES[0], 1)[0], _icl_prompt(SAMPLES[1], 3)[0]]
     ours = encode(lm, prompts).inputs
     pieces = [p.context + p.query for p in prompts]
-    if lm.family == "idefics2":
+    if lm.family in ("idefics2", "idefics3"):  # text with "<image>" placeholders, images alongside
         texts = ["<s>" + "".join(p if isinstance(p, str) else "<image>" for p in ps) for ps in pieces]
         images = [[p for p in ps if isinstance(p, Image.Image)] for ps in pieces]
         ref = lm.processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")

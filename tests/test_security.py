@@ -80,7 +80,7 @@ def test_student_refuses_a_checkpoint_that_is_not_just_tensors(model_dirs, data_
     teacher.run(resolve(load_config(None, sets)))
     step_dpath = out / "checkpoints" / "step4"
     step_dpath.mkdir(parents=True)
-    (out / "checkpoints" / "latest").write_text("step4")
+    (out / "checkpoints" / "last_complete").write_text("step4")
     pwned = tmp_path / "pwned"
     payload = {"module": {}, "exploit": _Exploit(str(pwned))}
     with open(step_dpath / "mp_rank_00_model_states.pt", "wb") as f:

@@ -61,7 +61,7 @@ def test_killed_student_resumes_to_identical_heads(setup):
     _student(tmp, common, full, "--set", "student.save_every=8")
     killed = tmp / "killed"
     proc = _student(tmp, common, killed, "--set", "student.save_every=8", wait=False)
-    latest = killed / "checkpoints" / "latest"
+    latest = killed / "checkpoints" / "last_complete"
     deadline = time.time() + 120
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)

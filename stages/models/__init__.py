@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from stages.errors import UserError
-from stages.models import idefics, idefics2
+from stages.models import idefics, idefics2, idefics3
 from stages.models.common import Dims
 
-FAMILIES: dict[str, ModuleType] = {"idefics": idefics, "idefics2": idefics2}
+FAMILIES: dict[str, ModuleType] = {"idefics": idefics, "idefics2": idefics2, "idefics3": idefics3}
 
 
 class Adapter(Protocol):
@@ -30,6 +30,7 @@ class Adapter(Protocol):
     def decoder_layers(self, model) -> list[torch.nn.Module]: ...
     def dims(self, model) -> Dims: ...
     def image_text(self, processor) -> str: ...
+    def prompt_text(self, processor, pieces) -> str: ...
     def use_attention(self, model, name: str) -> None: ...
     def model_inputs(self, processor, ids: list[list[int]], images: list[list[Image.Image]]) -> dict: ...
 

@@ -7,7 +7,6 @@ stored span and evaluation), so every stage feeds the model through one function
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,15 +21,9 @@ from stages.tasks.prompts import Piece, Prompt
 def prompt_text(lm: LoadedModel, pieces: tuple[Piece, ...]) -> str:
     """The text the family's processor would build for these pieces (without BOS), images expanded.
 
-    Matches IdeficsProcessor (text pieces stripped of spaces) and Idefics2Processor (a space after
-    an image when a word follows); tests/test_models.py checks the parity with the processors.
+    tests/test_prompts.py checks the parity with each family's processor.
     """
-    image = lm.adapter.image_text(lm.processor)
-    if lm.family == "idefics":
-        return "".join(p.strip(" ") if isinstance(p, str) else image for p in pieces)
-    text = "".join(p if isinstance(p, str) else image for p in pieces)
-    fake = lm.processor.fake_image_token
-    return re.sub(rf"{re.escape(fake)}(?=[^\s<])", f"{fake} ", text)
+    return lm.adapter.prompt_text(lm.processor, pieces)
 
 
 def tokenize(lm: LoadedModel, prompt: Prompt) -> tuple[list[int], int]:

@@ -36,6 +36,11 @@ def image_text(processor) -> str:
     return "<fake_token_around_image><image><fake_token_around_image>"
 
 
+def prompt_text(processor, pieces) -> str:
+    """As IdeficsProcessor joins them: text pieces stripped of spaces, each image as its marker."""
+    return "".join(p.strip(" ") if isinstance(p, str) else image_text(processor) for p in pieces)
+
+
 def use_attention(model, name: str) -> None:
     # One config serves self- and gated cross-attention alike, so the attention function itself must
     # tell them apart (stages/models/heads.py does it by module).

@@ -1,6 +1,8 @@
 """Idefics2 (Idefics2ForConditionalGeneration): a Mistral decoder reading perceiver-pooled image tokens."""
 from __future__ import annotations
 
+import re
+
 import torch
 from PIL import Image
 from transformers import Idefics2ForConditionalGeneration
@@ -31,6 +33,13 @@ def image_text(processor) -> str:
     """The text one image stands for in the token sequence (what Idefics2Processor expands `<image>` into)."""
     fake, image = processor.fake_image_token, processor.image_token
     return f"{fake}{image * processor.image_seq_len}{fake}"
+
+
+def prompt_text(processor, pieces) -> str:
+    """As Idefics2Processor expands them: each image as its tokens, and a space after an image when a word follows."""
+    text = "".join(p if isinstance(p, str) else image_text(processor) for p in pieces)
+    fake = processor.fake_image_token
+    return re.sub(rf"{re.escape(fake)}(?=[^\s<])", f"{fake} ", text)
 
 
 def use_attention(model, name: str) -> None:

@@ -83,7 +83,29 @@ def _idefics(tok, hidden: int, layers: int, init_std: float):
     return model, processor
 
 
-BUILDERS = {"idefics": _idefics, "idefics2": _idefics2}
+def _idefics3(tok, hidden: int, layers: int, init_std: float):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor)
+    # Idefics3Processor looks up a global-image tag and the tile tokens <row_i_col_j>.
+    tok.add_special_tokens({"additional_special_tokens": ["<global-img>"] + [
+        f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]}, replace_extra_special_tokens=False)
+    config = Idefics3Config(
+        image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2, tie_word_embeddings=False,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+                         rms_norm_eps=1e-5, initializer_range=init_std))
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                max_image_size={"longest_edge": 32})
+    # (32 / 8)^2 patches pixel-shuffled by 2x2: 4 image tokens per image.
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4)
+    return model, processor
+
+
+BUILDERS = {"idefics": _idefics, "idefics2": _idefics2, "idefics3": _idefics3}
 
 
 def make_model(family: str, out_dpath: str, *, seed: int = 0, hidden: int = 64, layers: int = 4,

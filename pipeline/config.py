@@ -6,7 +6,6 @@ keys and wrong types are errors naming the key. The effective config is saved in
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tomllib
 import typing
@@ -48,7 +47,6 @@ class TeacherConfig:
     span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
     batch_size: int = 4            # prompts per forward
     shard_size: int = 16           # queries per shard (the unit of writing, publishing and resume)
-    over_context: str = "refuse"   # k-shot prompt longer than the model's context: refuse (say the k that fits)
     on_bad_sample: str = "fail"    # a query whose image cannot be loaded or whose prompt is refused: fail | skip
                                    # (skip records id and reason in its shard's marker; the student leaves it out)
     rank: int = -1                 # this process's rank; -1 = from the launcher's RANK
@@ -109,7 +107,6 @@ CHOICES = {
     ("teacher", "capture"): ("ffn", "attn"),
     ("teacher", "span"): ("all", "text"),
     ("teacher", "sampler"): ("uniform", "cover"),
-    ("teacher", "over_context"): ("refuse",),
     ("teacher", "on_bad_sample"): ("fail", "skip"),
     ("student", "ce_on"): ("all", "answer"),
     ("student", "log_z2"): ("masked", "unmasked"),
@@ -151,6 +148,14 @@ def _check(cfg: Config) -> Config:
         raise UserError(f"config teacher.shots: must be at least 1 (the teacher runs k-shot ICL), got {t.shots}")
     if cfg.eval.shots < 0:
         raise UserError(f"config eval.shots: must be 0 or more, got {cfg.eval.shots}")
+    non_negative = {"task.num_queries": cfg.task.num_queries, "eval.num_samples": cfg.eval.num_samples,
+                    "teacher.seed": t.seed, "student.seed": s.seed, "eval.seed": cfg.eval.seed,
+                    "student.shuffle_buffer": s.shuffle_buffer}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"config {key}: must be 0 or more, got {value}")
+    if s.save_every < 1:
+        raise UserError(f"config student.save_every: must be at least 1 (optimiser steps), got {s.save_every}")
     if not 0 <= s.zero_stage <= 3:
         raise UserError(f"config student.zero_stage: must be 0, 1, 2 or 3, got {s.zero_stage}")
     return cfg
@@ -201,9 +206,3 @@ def load_config(fpath: str | None = None, overrides: typing.Iterable[str] = ()) 
         else:
             kwargs[name] = _section(name, typing.get_type_hints(Config)[name], values)
     return _check(Config(**kwargs))
-
-
-def save_config(cfg: Config, dpath: str) -> None:
-    os.makedirs(dpath, exist_ok=True)
-    with open(os.path.join(dpath, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)

@@ -65,7 +65,7 @@ def align(cfg: "Config") -> dict:
     torch.manual_seed(cfg.student.seed)  # the heads the student starts from
     dims = lm.dims
     fresh = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, cfg.student.log_z2 == "masked")
-    trained, _ = load_heads(ev.heads)
+    trained = load_heads(ev.heads, lm)
     metrics = {"store": cfg.teacher.store, "heads": ev.heads}
     for name, heads in (("init", fresh), ("trained", trained)):
         attach(lm, heads.to(lm.model.dtype))
@@ -90,8 +90,10 @@ def run(cfg: "Config") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     by_id = {s.id: s for s in support}
+    support_ids = [s.id for s in support]
+    support_answers = [reference_answer(s, tc.answer) for s in support]  # what the cover sampler groups by
     if ev.mode == "mimic":
-        heads, _ = load_heads(ev.heads)
+        heads = load_heads(ev.heads, lm)
         attach(lm, heads.to(device=device, dtype=lm.model.dtype))
     shots = ev.shots if ev.mode == "icl" else 0
     os.makedirs(ev.out, exist_ok=True)
@@ -104,8 +106,8 @@ def run(cfg: "Config") -> dict:
         batch = queries[lo: lo + ev.batch_size]
         prompts = []
         for q in batch:
-            icd_ids = sample_icds([s.id for s in support], q.id, shots, seed=ev.seed, view=0, sampler=ev.sampler,
-                                  answers=[reference_answer(s, tc.answer) for s in support])
+            icd_ids = sample_icds(support_ids, q.id, shots, seed=ev.seed, view=0, sampler=ev.sampler,
+                                  answers=support_answers)
             icds = [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in icd_ids]
             prompts.append(build_prompt(task.kind, ev.mode, q, icds))
         enc = encode(lm, prompts, max_len=max_len)

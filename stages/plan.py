@@ -89,12 +89,13 @@ def student_plan(cfg: "Config") -> dict:
     rank, world = rank_and_world()
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     store = _store(cfg.teacher.store)
+    # An epoch sees one view of each kept query (view = epoch mod V), so items per epoch = queries.
     if store:
-        n_items, items_from = store["items_stored"], "the store"
+        n_items, items_from = store["items_stored"] // store["views"], "the store (one view per epoch)"
     else:
         n_queries, data = _queries(cfg)
-        n_items = n_queries * cfg.teacher.views if n_queries is not None else None
-        items_from = f"queries x views (no store at {cfg.teacher.store} yet; queries from {data})"
+        n_items = n_queries
+        items_from = f"queries (no store at {cfg.teacher.store} yet; queries from {data})"
     plan = {"stage": "student", "rank": rank, "world_size": world, "launcher": _launcher(), "model": _model(cfg),
             "store": cfg.teacher.store, "store_fingerprint": store["fingerprint"] if store else None,
             "items": n_items, "items_from": items_from, "out": s.out, "global_batch": s.global_batch,

@@ -82,6 +82,7 @@ def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu
         n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
         target[row, t - n:][keep] = it.hidden.float()
         span_mask[row, t - n:] = keep.float()
+        ce_mask[row, : t - n] = 0  # L_gt predicts the span's tokens only, never BOS (from a pad position)
         if answer_starts:
             ce_mask[row, : t - n + answer_starts[it.sample_id]] = 0
     # The model may sit on an accelerator (DeepSpeed moves it there); the batch follows it.
@@ -115,8 +116,15 @@ def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[st
                             " (same config), or point --store at one")
 
 
-def _init_distributed(world: int):
+def _init_distributed(rank: int, world: int):
     import deepspeed
+    if world > 1:  # srun or an Indexed Job name the rank their own way; DeepSpeed reads RANK/WORLD_SIZE
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError("a multi-rank student needs MASTER_ADDR and MASTER_PORT (torchrun and the deepspeed "
+                            "launcher set them; with srun or a Kubernetes job, export them)")
     if world == 1:  # a plain `pipeline run student`: a one-process group on a free port
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -227,7 +235,7 @@ def run(cfg: "Config") -> str:
     check_store(reader, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), cfg.teacher.store,
                 cfg.teacher.shots)
 
-    _init_distributed(world)
+    _init_distributed(rank, world)
     torch.manual_seed(s.seed)
     dims = lm.dims
     heads = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, masked_log_z2=s.log_z2 == "masked")
@@ -245,10 +253,17 @@ def run(cfg: "Config") -> str:
         lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=ds_config(s, micro, accumulation, cfg.model.dtype, n_params))
 
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
+    # What a resumed run must share with the run it continues (the data order and schedule depend on it).
+    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("out", "save_every")}
     os.makedirs(s.out, exist_ok=True)
     step = 0
     if os.path.isfile(os.path.join(ckpt_dpath, COMPLETE)):
         client = _load_checkpoint(engine, ckpt_dpath, open(os.path.join(ckpt_dpath, COMPLETE)).read().strip())
+        changed = [f"{k}: checkpoint has {v!r}, config has {training[k]!r}"
+                   for k, v in client.get("training", {}).items() if training.get(k) != v]
+        if changed:
+            raise UserError(f"cannot resume {ckpt_dpath} with another training config ({'; '.join(changed)}); "
+                            f"restore it, or use a new student.out")
         reader.load_state_dict(client["reader"])
         step = client["step"]
         if rank == 0 and os.path.isfile(log_fpath):  # steps logged after that checkpoint are redone
@@ -277,7 +292,7 @@ def run(cfg: "Config") -> str:
         items = reader.epoch(epoch, start=done * s.global_batch)
         for _ in range(steps_per_epoch - done):
             batch = [next(items) for _ in range(s.global_batch)][rank * per_rank:(rank + 1) * per_rank]
-            sums = torch.zeros(3)
+            sums = torch.zeros(3, device=engine.device)  # NCCL reduces only accelerator tensors
             for m0 in range(0, per_rank, micro):
                 micro_items = batch[m0: m0 + micro]
                 images = [[by_id[it.sample_id].load_image()] for it in micro_items]
@@ -287,7 +302,7 @@ def run(cfg: "Config") -> str:
                 loss = s.w_align * l_align + s.w_ce * l_gt
                 engine.backward(loss)
                 engine.step()
-                sums += torch.tensor([loss.item(), l_align.item(), l_gt.item()])
+                sums += torch.stack([loss.detach(), l_align.detach(), l_gt.detach()]).float()
             step += 1
             if world > 1:
                 torch.distributed.all_reduce(sums)
@@ -298,7 +313,8 @@ def run(cfg: "Config") -> str:
             bar.update(1)
             bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}")
             if step % s.save_every == 0 or step == total:
-                _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict()}, rank)
+                _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict(),
+                                                            "training": training}, rank)
     bar.close()
     if rank == 0:
         save_heads(heads, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],

@@ -6,6 +6,7 @@ Data parallel by shard: shard boundaries depend only on the query list, each ran
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,8 @@ def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     if cfg.model.dtype == "float64":
         raise UserError("the teacher stores float32, bfloat16 or float16 targets; set model.dtype to one of these")
+    if torch.cuda.is_available():  # init_inference puts the model on the current device: this rank's own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     # Data parallel only: each rank holds the whole model (tp_size 1), so no process group is needed.
     engine = deepspeed.init_inference(lm.model, dtype=lm.model.dtype, replace_with_kernel_inject=False)
     lm.model = engine.module
@@ -116,7 +119,7 @@ def _rows(keep_if, *columns):
 
 def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, skipped: dict[str, str]):
     """One forward of a batch of k-shot prompts: per prompt (span ids int32 [n], hidden [n or kept, l, d], keep),
-    or None for a prompt longer than the model's context (refused: teacher.over_context)."""
+    or None for a prompt longer than the model's context (refused, never truncated: METHOD.md §3)."""
     if not prompts:
         return []
     enc = encode(lm, prompts)

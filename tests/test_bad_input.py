@@ -402,3 +402,15 @@ def test_on_bad_sample_skip_records_the_reasons_and_the_student_leaves_them_out(
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(student, "losses.jsonl")) as f:
         assert len(f.readlines()) == kept // 2  # one epoch over the kept queries only
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.save_every=0", "config student.save_every: must be at least 1"),
+    ("task.num_queries=-1", "config task.num_queries: must be 0 or more, got -1"),
+    ("student.shuffle_buffer=-2", "config student.shuffle_buffer: must be 0 or more, got -2"),
+])
+def test_out_of_range_config_values(override, message):
+    from pipeline.config import load_config
+    from stages.errors import UserError
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(None, [override])

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages.tasks.prompts import reference_answer
+from tests.conftest import random_image
 
 PIPELINE = [sys.executable, "-m", "pipeline.cli"]
 
@@ -174,3 +175,40 @@ def test_batch_aligns_targets_and_masks_with_the_span(setup, model_dirs, data_ro
         assert span_mask[b].sum() == n and torch.equal(target[b, t - n:], it.hidden)
         answer = lm.tokenizer.decode(inputs["input_ids"][b][ce_mask[b].bool()])
         assert answer.strip() == f"{reference_answer(samples[it.sample_id])}</s>".strip()
+
+
+def test_l_gt_targets_are_the_span_tokens_only(setup, model_dirs):
+    """Without answer_starts, L_gt predicts every span token and nothing before it (not BOS from a pad)."""
+    from stages.models import load_model
+    from stages.student import make_batch
+    from storage.reader import read_items
+
+    tmp, _ = setup
+    lm = load_model(model_dirs["idefics2"])
+    by_length = sorted(read_items(str(tmp / "store-vqav2-4shot")), key=lambda it: len(it.token_ids))
+    items = [by_length[0], by_length[-1]]
+    assert len(items[0].token_ids) < len(items[1].token_ids)  # the first row is padded
+    images = [[random_image(i)] for i in range(2)]
+    inputs, _, span_mask, ce_mask = make_batch(lm, items, images)
+    assert torch.equal(ce_mask.float(), span_mask)
+
+
+def test_resume_with_another_training_config_is_refused(setup):
+    tmp, common = setup
+    out = tmp / "resume-changed"
+    _student(tmp, common, out, "--set", "student.save_every=8")
+    result = subprocess.run(PIPELINE + ["run", "student", *common, "--set", f"student.out={out}",
+                                        "--set", "student.lr=0.01"], env=_env(tmp), capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "lr: checkpoint has 0.005, config has 0.01" in result.stderr, result.stderr
+
+
+def test_heads_for_another_model_are_refused(setup, model_dirs):
+    from stages.errors import UserError
+    from stages.models import load_model
+    from stages.models.heads import build_heads, load_heads, save_heads
+
+    tmp, _ = setup
+    save_heads(build_heads(2, 4, 16), str(tmp / "wrong-heads"), {})
+    with pytest.raises(UserError, match="heads in .* are for 2 layers x 4 heads x 16 dims"):
+        load_heads(str(tmp / "wrong-heads"), load_model(model_dirs["idefics2"]))

@@ -129,7 +129,8 @@ def save_heads(heads: MimicHeads, dpath: str, meta: dict) -> None:
         json.dump(config, f, indent=2)
 
 
-def load_heads(dpath: str) -> tuple[MimicHeads, dict]:
+def load_heads(dpath: str, lm) -> MimicHeads:
+    """Heads saved by `save_heads`, refused unless their shapes fit the loaded model `lm`."""
     import json
     import os
 
@@ -141,7 +142,16 @@ def load_heads(dpath: str) -> tuple[MimicHeads, dict]:
     if not (os.path.isfile(config_fpath) and os.path.isfile(weights_fpath)):
         raise UserError(f"no MimIC heads in {dpath} (expected heads.json and heads.safetensors; "
                         "train them with `pipeline run student`)")
-    config = json.load(open(config_fpath))
-    heads = build_heads(config["n_layers"], config["n_heads"], config["head_dim"], config["masked_log_z2"])
+    try:
+        config = json.load(open(config_fpath))
+        shape = (config["n_layers"], config["n_heads"], config["head_dim"])
+        masked = config["masked_log_z2"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{config_fpath} is not a heads config written by `pipeline run student` ({e})") from None
+    dims = lm.dims
+    if shape != (dims.n_layers, dims.n_heads, dims.head_dim):
+        raise UserError(f"heads in {dpath} are for {shape[0]} layers x {shape[1]} heads x {shape[2]} dims, the model "
+                        f"{lm.path} has {dims.n_layers} x {dims.n_heads} x {dims.head_dim}; use heads trained on it")
+    heads = build_heads(*shape, masked)
     heads.load_state_dict(load_file(weights_fpath))
-    return heads, config
+    return heads

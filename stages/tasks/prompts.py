@@ -62,7 +62,10 @@ def build_prompt(kind: str, mode: str, query: Sample, icds: list[tuple[Sample, s
 
     answer given: the teacher/student sequence (answer + EOS appended).
     """
-    context: list[Piece] = [instruction(kind, mode)] if instruction(kind, mode) else []
+    # MimIC drops the context, but tokenizes the query after the ICL instruction as the teacher's span
+    # was, so that the ids equal the student's (SentencePiece marks a word at the start of a text).
+    prefix = instruction(kind, "icl" if mode == "mimic" else mode)
+    context: list[Piece] = [prefix] if prefix else []
     for sample, icd_answer in icds if mode == "icl" else []:
         *pieces, last = _item(kind, sample, load(sample), icd_answer)
         context += [*pieces, last + "\n"]

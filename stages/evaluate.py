@@ -13,7 +13,7 @@ from stages.models import load_model
 from stages.models.encode import encode
 from stages.models.heads import attach, build_heads, load_heads
 from stages.tasks import get_task
-from stages.tasks.pools import eval_queries, support_set, training_queries
+from stages.tasks.pools import eval_queries, icd_pool, support_set, training_queries
 from stages.tasks.prompts import build_prompt, reference_answer
 from stages.tasks.sampler import sample_icds
 
@@ -90,8 +90,7 @@ def run(cfg: "Config") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     by_id = {s.id: s for s in support}
-    support_ids = [s.id for s in support]
-    support_answers = [reference_answer(s, tc.answer) for s in support]  # what the cover sampler groups by
+    support_ids, support_answers = icd_pool(support, tc.answer)
     if ev.mode == "mimic":
         heads = load_heads(ev.heads, lm)
         attach(lm, heads.to(device=device, dtype=lm.model.dtype))

@@ -15,7 +15,7 @@ from stages.dist import LAUNCHER_VARS, rank_and_world
 from stages.errors import UserError
 from stages.student import ds_config, batch_split
 from stages.tasks import get_task
-from stages.tasks.pools import training_queries
+from stages.tasks.pools import query_split, training_queries
 from stages.tasks.synthetic import DEFAULT_N_TRAIN
 from stages.teacher import fingerprint_fields
 from storage.errors import StoreError
@@ -44,7 +44,7 @@ def _queries(cfg: "Config") -> tuple[int | None, str]:
         n = tc.num_queries or DEFAULT_N_TRAIN
         return n, f"the embedded synthetic set ({DEFAULT_N_TRAIN} training samples; built on the first real run)"
     try:
-        return len(training_queries(get_task(tc.name), tc.root, tc.query_split or tc.train_split, tc.num_queries)), tc.root
+        return len(training_queries(get_task(tc.name), tc.root, query_split(tc), tc.num_queries)), tc.root
     except (UserError, OSError) as e:
         if tc.num_queries:
             return tc.num_queries, f"task.num_queries (the data at {tc.root} is not readable here: {e})"

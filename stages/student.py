@@ -21,7 +21,7 @@ from stages.models import load_model
 from stages.models.encode import inputs_from_spans, tokenize
 from stages.models.heads import attach, build_heads, save_heads
 from stages.tasks import get_task
-from stages.tasks.pools import training_queries
+from stages.tasks.pools import query_split, training_queries
 from stages.tasks.prompts import build_prompt
 from stages.teacher import fingerprint_fields
 from storage.errors import StoreMismatch
@@ -228,7 +228,7 @@ def run(cfg: "Config") -> str:
     rank, world = rank_and_world()
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.query_split or tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
     by_id = {q.id: q for q in queries}
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer)

@@ -19,7 +19,7 @@ from stages.errors import UserError
 from stages.models import LoadedModel, load_model
 from stages.models.encode import encode, text_mask
 from stages.tasks import get_task
-from stages.tasks.pools import support_set, training_queries
+from stages.tasks.pools import icd_pool, query_split, support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
 from stages.tasks.sampler import sample_icds
 from storage.manifest import FORMAT_VERSION, Manifest, shard_owner
@@ -40,7 +40,7 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path or 'the embedded default'}>"
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
-            "task": task.name, "split": task.query_split or task.train_split, "answer": task.answer, "support": task.support,
+            "task": task.name, "split": query_split(task), "answer": task.answer, "support": task.support,
             "shots": t.shots, "sampler": t.sampler, "seed": t.seed, "span": t.span, "capture": t.capture}
 
 
@@ -153,11 +153,10 @@ def run(cfg: "Config") -> str:
     t, tc = cfg.teacher, cfg.task
     rank, world = rank_and_world(t.rank, t.world_size)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.query_split or tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
     support = support_set(task, tc.root, tc.train_split, queries, tc.support)
     by_id = {s.id: s for s in support} | {q.id: q for q in queries}
-    support_ids = [s.id for s in support]
-    support_answers = [reference_answer(s, tc.answer) for s in support]  # what the cover sampler groups by
+    support_ids, support_answers = icd_pool(support, tc.answer)
     # refuse an impossible k before loading
     sample_icds(support_ids, queries[0].id, t.shots, seed=t.seed, view=0, sampler=t.sampler, answers=support_answers)
     lm, engine = _load_teacher(cfg)

@@ -3,7 +3,18 @@ from __future__ import annotations
 
 from stages.errors import UserError
 from stages.tasks import TaskSpec
+from stages.tasks.prompts import reference_answer
 from stages.tasks.sample import Sample
+
+
+def query_split(task_cfg) -> str:
+    """The split the teacher's and student's queries come from: task.query_split, else the training split."""
+    return task_cfg.query_split or task_cfg.train_split
+
+
+def icd_pool(support: list[Sample], answer_policy: str) -> tuple[list[str], list[str]]:
+    """(ids, reference answers) of the support set, as sample_icds takes them (the cover sampler groups by answer)."""
+    return [s.id for s in support], [reference_answer(s, answer_policy) for s in support]
 
 
 def training_queries(task: TaskSpec, root: str, split: str, num_queries: int) -> list[Sample]:

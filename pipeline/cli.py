@@ -109,7 +109,7 @@ def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, dry_r
 @click.option("--shots", type=int, help="k for the teacher (teacher.shots).")
 @DEBUG
 def run_all(config_fpath, overrides, shots, debug):
-    """Teacher, then student, then zero-shot and MimIC evaluation.
+    """Teacher, then student, then zero-shot, k-shot ICL (the teacher's k) and MimIC evaluation.
 
     \b
     Example:
@@ -120,8 +120,9 @@ def run_all(config_fpath, overrides, shots, debug):
     cfg = _config(config_fpath, overrides, **{"teacher.shots": shots})
     teacher.run(cfg)
     student.run(cfg)
-    for mode in ("zero-shot", "mimic"):
-        metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode}))
+    for mode in ("zero-shot", "icl", "mimic"):
+        metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode,
+                                                                   "eval.shots": cfg.teacher.shots}))
         click.echo(json.dumps(metrics))
 
 
@@ -152,6 +153,38 @@ def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, de
     metrics = evaluate.run(cfg)
     click.echo(json.dumps(metrics))
     click.echo(f"wrote {cfg.eval.out}/metrics.json")
+
+
+@cli.group()
+def experiment():
+    """Experiments that run every stage end to end."""
+
+
+@experiment.command("toy-icl")
+@SET
+@click.option("--out", "out_dpath", default="runs/toy-icl", show_default=True, type=click.Path(file_okay=False),
+              help="experiment directory (data, stores, heads, evaluations, results).")
+@click.option("--permutations", type=int, default=8, show_default=True, help="held-out tasks: permutation seeds 0..N-1.")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="test queries per permutation.")
+@DEBUG
+def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, debug):
+    """MimIC against zero-shot and k-shot ICL on the toy ICL model's held-out tasks (issue 8).
+
+    Per permutation: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
+    with MSE + CE, MSE only and CE only, each evaluated as MimIC. Writes results.md, results.json and
+    accuracy_vs_k.png into --out. Rerunning the same command resumes; steps already done are kept.
+
+    \b
+    Example:
+      pipeline experiment toy-icl
+      pipeline experiment toy-icl --permutations 2 --num-samples 32 --out runs/toy-quick
+    """
+    from pipeline import experiment as exp
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1; got {num_samples}")
+    results = exp.run(out_dpath, list(range(permutations)), num_samples, tuple(overrides), log=click.echo)
+    click.echo(open(os.path.join(out_dpath, "results.md")).read())
+    click.echo(f"wrote {out_dpath}/results.md, results.json, accuracy_vs_k.png ({results['minutes']} min)")
 
 
 @cli.command("make-model")

@@ -1,7 +1,7 @@
-"""The embedded default (a tiny Idefics2 and a synthetic VQA set, built on first use) and derived paths.
+"""The embedded default (the trained toy ICL model and one held-out toy task) and derived paths.
 
-Everything lands under one cache directory, whatever the working directory, so a second run
-reuses the first run's model and data.
+The model ships with the package (stages/models/toy_icl); the data set is written on first use under
+one cache directory, whatever the working directory, so a second run reuses it.
 """
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import os
 
 from pipeline.config import Config
 
-DEFAULT_MODEL = "tiny-idefics2"
-DEFAULT_DATA = "synthetic-vqa"
+DEFAULT_PERMUTATION = 0  # the held-out toy task of the embedded default (stages/tasks/toy_icl.py)
 
 
 def cache_home() -> str:
@@ -19,25 +18,21 @@ def cache_home() -> str:
 
 
 def default_model_dpath() -> str:
-    dpath = os.path.join(cache_home(), "models", DEFAULT_MODEL)
-    if not os.path.isfile(os.path.join(dpath, "model.safetensors")):
-        from stages.models.tiny import make_model
-        print(f"first use: building the embedded default model in {dpath}")
-        make_model("idefics2", dpath, seed=0)
-    return dpath
+    from stages.tasks.toy_icl import model_dpath
+    return model_dpath()
 
 
 def default_data_dpath() -> str:
-    dpath = os.path.join(cache_home(), "data", DEFAULT_DATA)
-    from stages.tasks.synthetic import DEFAULT_N_TRAIN, write_synthetic
-    write_synthetic(dpath, n_train=DEFAULT_N_TRAIN, n_val=32, seed=0)  # a no-op once complete
+    from stages.tasks.toy_icl import write_toy_icl
+    dpath = os.path.join(cache_home(), "data", f"toy-icl-{DEFAULT_PERMUTATION}")
+    write_toy_icl(dpath, permutation_seed=DEFAULT_PERMUTATION)  # a no-op once complete
     return dpath
 
 
 def resolve(cfg: Config, *, build_defaults: bool = True) -> Config:
     """Fill the empty paths: the embedded default model and data, and each stage's output under run_dir."""
     model, task, teacher, student, ev = cfg.model, cfg.task, cfg.teacher, cfg.student, cfg.eval
-    if not model.path and build_defaults:
+    if not model.path:
         model = dataclasses.replace(model, path=default_model_dpath())
     if not task.root and build_defaults:
         task = dataclasses.replace(task, root=default_data_dpath())

@@ -32,7 +32,7 @@ from PIL import Image
 
 from stages.models import LoadedModel, idefics2
 from stages.models.encode import tokenize
-from stages.tasks.prompts import build_prompt
+from stages.tasks.prompts import VQA_INSTRUCTION, build_prompt
 from stages.tasks.sample import Sample
 from stages.tasks.toy_icl import (COLOURS, N_HELD_OUT, QUESTION, WORDS, anchor_permutation, build_model,
                                   draw_pixels, held_out_permutations, jpeg, permutation)
@@ -60,11 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-minutes", type=float, default=3.0, help="minutes between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: leave the other core to benchmarks)")
+    p.add_argument("--init", default="", help="start from this saved model (a second phase) instead of random weights")
+    p.add_argument("--lm-loss", action="store_true",
+                   help="also train next-token CE on every other token (the template), as a language model would")
+    p.add_argument("--bare-frac", type=float, default=0.0,
+                   help="fraction of steps whose episodes start right after BOS, without the instruction "
+                        "(the student's and MimIC evaluation's sequence, METHOD.md §4 and §6)")
     return p.parse_args(argv)
 
 
 # Arguments that change what is trained: a resumed run must have the same ones.
-RESUME_KEYS = ("steps", "batch", "k_max", "lr", "warmup", "anchor_frac", "cover_frac", "pool", "seed")
+RESUME_KEYS = ("steps", "batch", "k_max", "lr", "warmup", "anchor_frac", "cover_frac", "pool", "seed",
+               "init", "lm_loss", "bare_frac")
 
 
 def pool_images(n_per_colour: int, seed: int) -> list[list[Image.Image]]:
@@ -90,14 +97,17 @@ class Episodes:
         self.lm = lm
         self.word_ids = [lm.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in WORDS]
         self.blank = Image.new("RGB", (1, 1))  # tokenize only needs to know where the images are
+        self.n_instruction = len(lm.tokenizer(VQA_INSTRUCTION, add_special_tokens=False)["input_ids"])
 
-    def ids(self, words: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    def ids(self, words: tuple[int, ...], bare: bool = False) -> tuple[list[int], list[int]]:
         """ids of the prompt whose items are answered WORDS[w] for w in words (the last one the query, + EOS),
-        and the positions of the answer tokens."""
+        and the positions of the answer tokens. bare: without the instruction, the first item right after BOS."""
         items = [Sample(str(i), "", QUESTION, (WORDS[w],)) for i, w in enumerate(words)]
         prompt = build_prompt("vqa", "icl", items[-1], [(s, s.answers[0]) for s in items[:-1]],
                               answer=items[-1].answers[0], load=lambda s: self.blank)
         ids, _ = tokenize(self.lm, prompt)
+        if bare:  # the instruction ends in a newline, a token boundary: the items' ids do not change
+            ids = ids[:1] + ids[1 + self.n_instruction:]
         where = [i for i, t in enumerate(ids) if t in self.word_ids]
         assert [ids[i] for i in where] == [self.word_ids[w] for w in words], (len(where), len(words))
         return ids, where
@@ -110,12 +120,13 @@ def episode_colours(rng: np.random.Generator, n_items: int, cover: bool) -> np.n
     return np.concatenate(rounds)[:n_items]
 
 
-def make_batch(eps: Episodes, pools, perms: list[tuple[int, ...]], colours: np.ndarray, image_idx: np.ndarray) -> dict:
+def make_batch(eps: Episodes, pools, perms: list[tuple[int, ...]], colours: np.ndarray, image_idx: np.ndarray,
+               bare: bool = False) -> dict:
     """Model inputs [b, t] and targets for episodes of equal length (every item has the same token count)."""
     pixels, mask = pools
     rows, where = [], None
     for perm, cols in zip(perms, colours):
-        ids, where = eps.ids(tuple(perm[c] for c in cols))
+        ids, where = eps.ids(tuple(perm[c] for c in cols), bare)
         rows.append(ids)
     input_ids = torch.tensor(rows)  # [b, t]
     targets = torch.tensor(where + [w + 1 for w in where])  # answer tokens and the token after each
@@ -137,16 +148,26 @@ def train_batch(eps, pools, args, step: int, anchor, held_out) -> dict:
                 pass
         perms.append(perm)
         colours.append(episode_colours(rng, n_items, rng.random() < args.cover_frac))
-    return make_batch(eps, pools, perms, np.stack(colours), rng.integers(0, args.pool, (args.batch, n_items)))
+    # Its own stream, so that the first phase's batches stay what they were.
+    bare = np.random.default_rng([args.seed, 8, step]).random() < args.bare_frac
+    return make_batch(eps, pools, perms, np.stack(colours), rng.integers(0, args.pool, (args.batch, n_items)), bare)
 
 
-def loss_of(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE over answer tokens and following tokens, and the CE over answer tokens alone."""
+def loss_of(model, batch, lm_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE over answer tokens and following tokens (+ with lm_loss, the mean CE over every other
+    token), and the CE over answer tokens alone."""
     targets = batch["targets"]
+    input_ids = batch["input_ids"]
     inputs = {k: v for k, v in batch.items() if k not in ("targets", "n_answers")}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(**inputs, logits_to_keep=targets - 1).logits.float()  # [b, n_targets, vocab]
-    labels = batch["input_ids"][:, targets]  # [b, n_targets]
+        logits = model(**inputs, logits_to_keep=0 if lm_loss else targets - 1).logits.float()  # [b, t | n_targets, v]
+    if lm_loss:
+        ce_all = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+        ce = ce_all[:, targets - 1]
+        rest = torch.ones(ce_all.shape[1], dtype=torch.bool)
+        rest[targets - 1] = False
+        return ce.mean() + ce_all[:, rest].mean(), ce[:, : batch["n_answers"]].mean().detach()
+    labels = input_ids[:, targets]  # [b, n_targets]
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
     return ce.mean(), ce[:, : batch["n_answers"]].mean().detach()
 
@@ -211,6 +232,15 @@ def main(argv=None) -> None:
     ckpt_fpath, log_fpath = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
 
     model, processor = build_model(args.seed)
+    previous = []  # the phases the --init model went through
+    if args.init:
+        from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+        model = Idefics2ForConditionalGeneration.from_pretrained(args.init)
+        model.set_attn_implementation("sdpa")
+        processor = AutoProcessor.from_pretrained(args.init)
+        with open(os.path.join(args.init, "training.json")) as f:
+            summary = json.load(f)
+        previous = summary.get("phases", [summary])
     idefics2.prepare_processor(processor)
     lm = LoadedModel("idefics2", idefics2, model, processor, args.final)
     eps = Episodes(lm)
@@ -236,7 +266,7 @@ def main(argv=None) -> None:
     while step < args.steps and time.monotonic() - t_start < args.max_minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss, answer_ce = loss_of(model, train_batch(eps, train_pools, args, step, anchor, held_out))
+        loss, answer_ce = loss_of(model, train_batch(eps, train_pools, args, step, anchor, held_out), args.lm_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -258,8 +288,9 @@ def main(argv=None) -> None:
     record = {"step": step, "min": round((time.monotonic() - t_start) / 60, 2), "final": True, **final}
     log.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
-    save_final(model, processor, args.final, {"steps": step, "minutes": record["min"], "held_out_accuracy": final,
-                                              "args": vars(args)})
+    phases = previous + [{"steps": step, "minutes": record["min"], "held_out_accuracy": final, "args": vars(args)}]
+    save_final(model, processor, args.final, {"minutes": round(sum(p["minutes"] for p in phases), 2),
+                                              "held_out_accuracy": final, "phases": phases})
     print(f"saved the trained model to {args.final}")
 
 

@@ -16,7 +16,7 @@ from stages.errors import UserError
 from stages.student import ds_config, batch_split
 from stages.tasks import get_task
 from stages.tasks.pools import query_split, training_queries
-from stages.tasks.synthetic import DEFAULT_N_TRAIN
+from stages.tasks.toy_icl import DEFAULT_N_TRAIN
 from stages.teacher import fingerprint_fields
 from storage.errors import StoreError
 from storage.inspection import info
@@ -42,7 +42,7 @@ def _queries(cfg: "Config") -> tuple[int | None, str]:
         if tc.num_queries > DEFAULT_N_TRAIN:
             raise UserError(f"task.num_queries = {tc.num_queries} but the embedded set has {DEFAULT_N_TRAIN} training samples")
         n = tc.num_queries or DEFAULT_N_TRAIN
-        return n, f"the embedded synthetic set ({DEFAULT_N_TRAIN} training samples; built on the first real run)"
+        return n, f"the embedded toy ICL set ({DEFAULT_N_TRAIN} training samples; built on the first real run)"
     try:
         return len(training_queries(get_task(tc.name), tc.root, query_split(tc), tc.num_queries)), tc.root
     except (UserError, OSError) as e:
@@ -60,8 +60,7 @@ def _store(url: str) -> dict | None:
 
 
 def _model(cfg: "Config") -> dict:
-    return {"path": cfg.model.path or "the embedded default (a tiny Idefics2, built on the first real run)",
-            "family": cfg.model.family, "dtype": cfg.model.dtype}
+    return {"path": cfg.model.path, "family": cfg.model.family, "dtype": cfg.model.dtype}
 
 
 def teacher_plan(cfg: "Config") -> dict:

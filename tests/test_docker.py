@@ -115,8 +115,8 @@ def test_student_sbatch_writes_a_hostfile_for_the_deepspeed_launcher():
 # -- the dry runs ------------------------------------------------------------------------------------
 def test_teacher_dry_run_for_1_and_8_ranks(tmp_path):
     one = _dry_run(["run", "teacher"], {}, tmp_path)
-    assert (one["rank"], one["world_size"], one["queries"], one["shards"]) == (0, 1, 64, 4)  # the embedded set
-    assert one["this_rank_writes"] == [0, 1, 2, 3] and one["shards_per_rank"] == {"0": 4}
+    assert (one["rank"], one["world_size"], one["queries"], one["shards"]) == (0, 1, 256, 16)  # the embedded set
+    assert one["this_rank_writes"] == list(range(16)) and one["shards_per_rank"] == {"0": 16}
     assert one["fingerprint_fields"]["shots"] == 32 and one["store"] == os.path.join("runs", "store-vqav2-32shot")
     eight = _dry_run(["run", "teacher", "--config", EXP_FPATH, "--rank", "7", "--world-size", "8"], {}, tmp_path)
     assert (eight["queries"], eight["shards"]) == (1000, 63)  # num_queries: the data root is not here
@@ -129,7 +129,7 @@ def test_student_dry_run_for_1_and_8_ranks(tmp_path):
     assert (one["world_size"], one["micro_batch_per_rank"], one["accumulation_steps"]) == (1, 2, 2)
     assert one["deepspeed"]["train_micro_batch_size_per_gpu"] == 2
     assert one["deepspeed"]["zero_optimization"]["stage"] == 2
-    assert (one["items"], one["epochs"], one["steps_per_epoch"]) == (64, 10, 16)
+    assert (one["items"], one["epochs"], one["steps_per_epoch"]) == (256, 10, 64)
     eight = _dry_run(["run", "student", "--set", "student.global_batch=16", "--zero-stage", "3"],
                      {"RANK": "0", "WORLD_SIZE": "8"}, tmp_path)
     assert (eight["world_size"], eight["micro_batch_per_rank"], eight["accumulation_steps"]) == (8, 2, 1)

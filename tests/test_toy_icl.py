@@ -136,3 +136,66 @@ def test_committed_toy_model_learns_in_context_through_the_pipeline(tmp_path):
     zero = evaluate.run(resolve(load_config(None, [*sets, "eval.mode=zero-shot"])))["vqa_accuracy"]
     icl = evaluate.run(resolve(load_config(None, [*sets, "eval.mode=icl", "eval.shots=8", "eval.sampler=cover"])))
     assert icl["vqa_accuracy"] >= zero + 25, (zero, icl)
+
+
+def test_bare_episode_is_the_student_sequence():
+    """--bare-frac episodes start right after BOS: a one-item bare episode is the student's [BOS] + span."""
+    script = _script()
+    model, processor = build_model(0)
+    idefics2.prepare_processor(processor)
+    lm = LoadedModel("idefics2", idefics2, model, processor, "toy")
+    eps = script.Episodes(lm)
+    query = Sample("0", "", QUESTION, (WORDS[5],))
+    prompt = build_prompt("vqa", "mimic", query, [], answer=WORDS[5], load=lambda s: eps.blank)
+    enc = encode(lm, [prompt])
+    ids, where = eps.ids((5,), bare=True)
+    assert ids == enc.inputs["input_ids"][0].tolist() and ids[where[0]] == eps.word_ids[5]
+    full, _ = eps.ids((2, 5))
+    bare, bare_where = eps.ids((2, 5), bare=True)
+    assert full[1 + eps.n_instruction:] == bare[1:] and len(bare_where) == 2
+
+
+def test_second_phase_starts_from_the_saved_model_and_records_both_phases(tmp_path):
+    script = _script()
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    tiny = ["--batch", "2", "--k-max", "2", "--pool", "4", "--warmup", "1", "--eval-every", "1000",
+            "--eval-episodes", "8", "--threads", "1"]
+    script.main(["--out", str(tmp_path / "run1"), "--final", first, "--steps", "2", *tiny])
+    script.main(["--out", str(tmp_path / "run2"), "--final", second, "--steps", "3", "--init", first, "--lm-loss",
+                 "--bare-frac", "0.5", *tiny])
+    summary = json.load(open(os.path.join(second, "training.json")))
+    assert [p["steps"] for p in summary["phases"]] == [2, 3]
+    assert summary["phases"][1]["args"]["init"] == first and summary["phases"][1]["args"]["lm_loss"]
+    assert summary["minutes"] == pytest.approx(sum(p["minutes"] for p in summary["phases"]), abs=0.02)
+    a, b = load_model(first).model.state_dict(), load_model(second).model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on from the first phase's weights
+
+
+def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
+    """`pipeline experiment toy-icl` on one permutation with a short student: every method has a number,
+    the table and the plot are written, and a rerun redoes nothing."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    out = str(tmp_path / "exp")
+    args = ["experiment", "toy-icl", "--out", out, "--permutations", "1", "--num-samples", "8",
+            "--set", "student.epochs=1", "--set", "task.num_queries=40", "--set", "teacher.shard_size=8"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    results = json.load(open(os.path.join(out, "results.json")))
+    row = results["per_permutation"]["0"]
+    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only"}
+    assert set(row["icl"]) == {"1", "2", "4", "8", "16", "32"} and set(row["mimic"]) == {"8", "16"}
+    assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only") for a in row[m].values())
+    assert row["ce_only"]["8"] == row["ce_only"]["16"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "| MimIC, MSE only |" in table and "8 test queries in all" in table
+    assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
+    stamps = {f: os.path.getmtime(f) for f in _files(out, "heads.safetensors") + _files(out, "metrics.json")}
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert again.exit_code == 0 and json.load(open(os.path.join(out, "results.json")))["summary"] == results["summary"]
+    assert stamps == {f: os.path.getmtime(f) for f in stamps}  # nothing was trained or evaluated again
+
+
+def _files(root: str, name: str) -> list[str]:
+    return [os.path.join(d, name) for d, _, files in os.walk(root) if name in files]

@@ -38,8 +38,14 @@ QUESTION = "What is it?"
 IMAGE_SIZE = 16
 NOISE_STD = 8.0
 N_HELD_OUT = 100       # permutation seeds 0..99 are held out from pretraining
+DEFAULT_N_TRAIN = 256  # training queries (and support set) of a data set; also the embedded default's
 _PERM_SALT = 0x7011C   # one random stream per purpose: permutations, the anchor, images, data sets
 _ANCHOR_SALT = 0xA7C
+
+
+def model_dpath() -> str:
+    """The trained toy model (scripts/train_toy_icl.py), shipped with the package: the embedded default."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "toy_icl")
 
 
 def permutation(seed: int) -> tuple[int, ...]:
@@ -123,7 +129,7 @@ def build_model(seed: int = 0):
     return model, processor
 
 
-def write_toy_icl(root: str, permutation_seed: int, *, n_train: int = 256, n_val: int = 256, seed: int = 0) -> None:
+def write_toy_icl(root: str, permutation_seed: int, *, n_train: int = DEFAULT_N_TRAIN, n_val: int = 256, seed: int = 0) -> None:
     """Write held-out task `permutation_seed` as a VQAv2 data set; a no-op when the same set is complete there.
 
     Colours are balanced in each split (i % 8, shuffled). All 10 annotators give the task's word.

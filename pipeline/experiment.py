@@ -1,0 +1,153 @@
+"""The toy-ICL experiment (issue 8): does MimIC make a zero-shot prompt do what k-shot ICL does?
+
+On each held-out permutation task p of stages/tasks/toy_icl.py, with the trained toy model:
+
+    data(p) -> eval zero-shot, eval k-shot ICL (k in ICL_SHOTS)
+            -> for k in TEACHER_SHOTS: teacher(k) -> students (MSE + CE, MSE only, CE only) -> eval MimIC
+
+Every step is a stage's own `run(cfg)`, on a config made of the pipeline's defaults and --set style
+overrides, exactly what the CLI commands would run. A step whose output is complete is not redone, so
+a killed experiment resumes where it stopped. The results (per permutation and the means) go to
+results.json, a Markdown table to results.md and the accuracy-against-k plot to accuracy_vs_k.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+
+from pipeline.config import load_config
+from pipeline.defaults import resolve
+from stages.errors import UserError
+
+TEACHER_SHOTS = (8, 16)
+ICL_SHOTS = (1, 2, 4, 8, 16, 32)
+# The student's three losses: both terms with the defaults (METHOD.md §4), and each half alone.
+STUDENTS = {"mimic": (), "mse_only": ("student.w_ce=0",), "ce_only": ("student.w_align=0",)}
+LABELS = {"zero_shot": "zero-shot", "icl": "k-shot ICL", "mimic": "MimIC (MSE + CE)",
+          "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only"}
+
+
+def _evaluated(cfg) -> dict:
+    """Evaluate, or read the metrics of an evaluation already done with this same config."""
+    from stages import evaluate
+    metrics_fpath, config_fpath = os.path.join(cfg.eval.out, "metrics.json"), os.path.join(cfg.eval.out, "config.json")
+    if os.path.isfile(metrics_fpath) and json.load(open(config_fpath)) == cfg.to_dict():
+        return json.load(open(metrics_fpath))
+    return evaluate.run(cfg)
+
+
+def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ...], log) -> dict:
+    """Accuracy of every method on held-out permutation p: {"zero_shot": a, "icl": {k: a}, name: {k: a}}."""
+    from stages import student, teacher
+    from stages.tasks.toy_icl import model_dpath, write_toy_icl
+
+    root, run_dir = os.path.join(out, "data", f"perm{p}"), os.path.join(out, f"perm{p}")
+    write_toy_icl(root, permutation_seed=p)  # a no-op once complete
+    base = (f"model.path={model_dpath()}", f"task.root={root}", f"run_dir={run_dir}", "teacher.sampler=cover",
+            "eval.sampler=cover", f"eval.num_samples={num_samples}", *extra)
+
+    def cfg(*overrides):
+        return resolve(load_config(None, [*base, *overrides]))
+
+    def accuracy(*overrides) -> float:
+        return _evaluated(cfg(*overrides))["vqa_accuracy"]
+
+    result = {"zero_shot": accuracy("eval.mode=zero-shot"), "icl": {}}
+    for k in ICL_SHOTS:
+        result["icl"][k] = accuracy("eval.mode=icl", f"eval.shots={k}")
+        log(f"perm {p}: ICL k={k} {result['icl'][k]:.1f} (zero-shot {result['zero_shot']:.1f})")
+    for k in TEACHER_SHOTS:
+        teacher.run(cfg(f"teacher.shots={k}"))
+        for name, overrides in STUDENTS.items():
+            if name == "ce_only" and k != TEACHER_SHOTS[0]:
+                # Without L_align the targets are never read: the heads are the same for every k.
+                result[name][k] = result[name][TEACHER_SHOTS[0]]
+                continue
+            out_dpath = os.path.join(run_dir, f"student-{name}-{k}shot")
+            run_cfg = cfg(f"teacher.shots={k}", f"student.out={out_dpath}", *overrides)
+            if not os.path.isfile(os.path.join(out_dpath, "heads", "heads.safetensors")):
+                student.run(run_cfg)
+            result.setdefault(name, {})[k] = accuracy(
+                f"teacher.shots={k}", "eval.mode=mimic", f"eval.heads={out_dpath}/heads",
+                f"eval.out={run_dir}/eval-mimic-{name}-{k}shot")
+            log(f"perm {p}: {name} from the {k}-shot teacher {result[name][k]:.1f}")
+    return result
+
+
+def summarise(per_perm: dict[int, dict]) -> dict:
+    """Mean and standard error over permutations of each method at each k."""
+    def stats(values):
+        values = list(values)
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return {"mean": statistics.fmean(values), "se": se}
+    rows = list(per_perm.values())
+    summary = {"zero_shot": stats(r["zero_shot"] for r in rows)}
+    for name in ("icl", *STUDENTS):
+        summary[name] = {k: stats(r[name][k] for r in rows) for k in rows[0][name]}
+    return summary
+
+
+def table(summary: dict, n_perms: int, n_queries: int, minutes: float) -> str:
+    ks = TEACHER_SHOTS
+    fmt = lambda s: f"{s['mean']:.1f} ± {s['se']:.1f}"  # noqa: E731
+    lines = [f"VQA accuracy on held-out tasks: mean ± standard error over {n_perms} permutations, "
+             f"{n_queries} test queries in all; {minutes:.0f} min.", "",
+             "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
+             f"| zero-shot | " + " | ".join(fmt(summary["zero_shot"]) for _ in ks) + " |"]
+    for name in ("icl", *STUDENTS):
+        lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(summary[name][k]) for k in ks) + " |")
+    lines += ["", "MimIC rows: heads trained from the k-shot teacher's store and evaluated zero-shot "
+              "([BOS] + query, heads on). CE only never reads the store, so one run serves both columns."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, fpath: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = sorted(summary["icl"], key=int)
+    ax.errorbar([0, *map(int, ks)], [summary["zero_shot"]["mean"], *(summary["icl"][k]["mean"] for k in ks)],
+                yerr=[summary["zero_shot"]["se"], *(summary["icl"][k]["se"] for k in ks)],
+                marker="o", label="k-shot ICL (k = 0: zero-shot)")
+    for name, marker, nudge in (("mimic", "s", 0.94), ("mse_only", "^", 1.0), ("ce_only", "v", 1.06)):
+        tks = sorted(summary[name], key=int)  # nudged sideways so that equal values stay visible
+        ax.errorbar([int(k) * nudge for k in tks], [summary[name][k]["mean"] for k in tks],
+                    yerr=[summary[name][k]["se"] for k in tks], marker=marker, linestyle="none",
+                    label=f"{LABELS[name]} (zero-shot prompt)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks([0, *map(int, ks)], labels=["0", *map(str, ks)])
+    ax.set_xlabel("k: demonstrations (ICL) or the teacher's shots (MimIC)")
+    ax.set_ylabel("VQA accuracy")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fpath, dpi=120)
+    plt.close(fig)
+
+
+def run(out: str, permutations: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print) -> dict:
+    from stages.tasks.toy_icl import N_HELD_OUT
+    if not permutations or any(not 0 <= p < N_HELD_OUT for p in permutations):
+        raise UserError(f"permutations must be held-out task seeds in 0..{N_HELD_OUT - 1}; got {permutations}")
+    os.makedirs(out, exist_ok=True)
+    t0 = time.monotonic()
+    per_perm = {}
+    for p in permutations:
+        per_perm[p] = permutation_results(out, p, num_samples, extra, log)
+    minutes = (time.monotonic() - t0) / 60
+    summary = summarise(per_perm)
+    n_queries = num_samples * len(permutations)
+    results = {"permutations": permutations, "num_samples": num_samples, "overrides": list(extra),
+               "minutes": round(minutes, 1), "summary": summary, "per_permutation": per_perm}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table(summary, len(permutations), n_queries, minutes))
+    plot(summary, os.path.join(out, "accuracy_vs_k.png"))
+    return results

@@ -220,6 +220,9 @@ def save_final(model, processor, dpath: str, summary: dict) -> None:
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, "training.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model ships to every user (and the Docker image)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o644)
     if os.path.exists(dpath):
         shutil.rmtree(dpath)
     os.replace(tmp, dpath)

@@ -166,8 +166,10 @@ def experiment():
               help="experiment directory (data, stores, heads, evaluations, results).")
 @click.option("--permutations", type=int, default=8, show_default=True, help="held-out tasks: permutation seeds 0..N-1.")
 @click.option("--num-samples", type=int, default=64, show_default=True, help="test queries per permutation.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="permutations run at once, each in its own process with its share of the cores.")
 @DEBUG
-def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, debug):
+def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, jobs, debug):
     """MimIC against zero-shot and k-shot ICL on the toy ICL model's held-out tasks (issue 8).
 
     Per permutation: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
@@ -176,13 +178,13 @@ def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, debug):
 
     \b
     Example:
-      pipeline experiment toy-icl
+      pipeline experiment toy-icl --jobs 2 --set student.epochs=10   # the README's table
       pipeline experiment toy-icl --permutations 2 --num-samples 32 --out runs/toy-quick
     """
     from pipeline import experiment as exp
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1; got {num_samples}")
-    results = exp.run(out_dpath, list(range(permutations)), num_samples, tuple(overrides), log=click.echo)
+    results = exp.run(out_dpath, list(range(permutations)), num_samples, tuple(overrides), log=click.echo, jobs=jobs)
     click.echo(open(os.path.join(out_dpath, "results.md")).read())
     click.echo(f"wrote {out_dpath}/results.md, results.json, accuracy_vs_k.png ({results['minutes']} min)")
 

@@ -22,6 +22,7 @@ from pipeline.config import load_config
 from pipeline.defaults import resolve
 from stages.errors import UserError
 
+N_TRAIN = 1000  # training queries per task, as in the paper's headline table (METHOD.md §7)
 TEACHER_SHOTS = (8, 16)
 ICL_SHOTS = (1, 2, 4, 8, 16, 32)
 # The student's three losses: both terms with the defaults (METHOD.md §4), and each half alone.
@@ -30,12 +31,18 @@ LABELS = {"zero_shot": "zero-shot", "icl": "k-shot ICL", "mimic": "MimIC (MSE + 
           "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only"}
 
 
+def _done(out_dpath: str, result_fname: str, cfg) -> bool:
+    """Whether a step already wrote its result in out_dpath, with this same config."""
+    config_fpath = os.path.join(out_dpath, "config.json")
+    return (os.path.isfile(os.path.join(out_dpath, result_fname)) and os.path.isfile(config_fpath)
+            and json.load(open(config_fpath)) == cfg.to_dict())
+
+
 def _evaluated(cfg) -> dict:
     """Evaluate, or read the metrics of an evaluation already done with this same config."""
     from stages import evaluate
-    metrics_fpath, config_fpath = os.path.join(cfg.eval.out, "metrics.json"), os.path.join(cfg.eval.out, "config.json")
-    if os.path.isfile(metrics_fpath) and json.load(open(config_fpath)) == cfg.to_dict():
-        return json.load(open(metrics_fpath))
+    if _done(cfg.eval.out, "metrics.json", cfg):
+        return json.load(open(os.path.join(cfg.eval.out, "metrics.json")))
     return evaluate.run(cfg)
 
 
@@ -45,7 +52,7 @@ def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ..
     from stages.tasks.toy_icl import model_dpath, write_toy_icl
 
     root, run_dir = os.path.join(out, "data", f"perm{p}"), os.path.join(out, f"perm{p}")
-    write_toy_icl(root, permutation_seed=p)  # a no-op once complete
+    write_toy_icl(root, permutation_seed=p, n_train=N_TRAIN)  # a no-op once complete
     base = (f"model.path={model_dpath()}", f"task.root={root}", f"run_dir={run_dir}", "teacher.sampler=cover",
             "eval.sampler=cover", f"eval.num_samples={num_samples}", *extra)
 
@@ -68,7 +75,7 @@ def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ..
                 continue
             out_dpath = os.path.join(run_dir, f"student-{name}-{k}shot")
             run_cfg = cfg(f"teacher.shots={k}", f"student.out={out_dpath}", *overrides)
-            if not os.path.isfile(os.path.join(out_dpath, "heads", "heads.safetensors")):
+            if not _done(out_dpath, os.path.join("heads", "heads.safetensors"), run_cfg):
                 student.run(run_cfg)
             result.setdefault(name, {})[k] = accuracy(
                 f"teacher.shots={k}", "eval.mode=mimic", f"eval.heads={out_dpath}/heads",
@@ -94,7 +101,8 @@ def table(summary: dict, n_perms: int, n_queries: int, minutes: float) -> str:
     ks = TEACHER_SHOTS
     fmt = lambda s: f"{s['mean']:.1f} ± {s['se']:.1f}"  # noqa: E731
     lines = [f"VQA accuracy on held-out tasks: mean ± standard error over {n_perms} permutations, "
-             f"{n_queries} test queries in all; {minutes:.0f} min.", "",
+             f"{n_queries} test queries in all; {N_TRAIN} training queries per task; demonstrations by the cover "
+             f"sampler; {minutes:.0f} min.", "",
              "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
              f"| zero-shot | " + " | ".join(fmt(summary["zero_shot"]) for _ in ks) + " |"]
     for name in ("icl", *STUDENTS):
@@ -131,20 +139,36 @@ def plot(summary: dict, fpath: str) -> None:
     plt.close(fig)
 
 
-def run(out: str, permutations: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print) -> dict:
+def _worker(out: str, p: int, num_samples: int, extra: tuple[str, ...], threads: int) -> dict:
+    """One permutation in a process of its own (--jobs), with its share of the cores."""
+    import torch
+    torch.set_num_threads(threads)
+    return permutation_results(out, p, num_samples, extra, print)
+
+
+def run(out: str, permutations: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
+        jobs: int = 1) -> dict:
     from stages.tasks.toy_icl import N_HELD_OUT
     if not permutations or any(not 0 <= p < N_HELD_OUT for p in permutations):
         raise UserError(f"permutations must be held-out task seeds in 0..{N_HELD_OUT - 1}; got {permutations}")
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1; got {jobs}")
     os.makedirs(out, exist_ok=True)
     t0 = time.monotonic()
-    per_perm = {}
-    for p in permutations:
-        per_perm[p] = permutation_results(out, p, num_samples, extra, log)
+    if jobs == 1:
+        per_perm = {p: permutation_results(out, p, num_samples, extra, log) for p in permutations}
+    else:  # permutations are independent: each job runs whole permutations (its own stores, students, evals)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {p: pool.submit(_worker, out, p, num_samples, extra, threads) for p in permutations}
+            per_perm = {p: f.result() for p, f in futures.items()}
     minutes = (time.monotonic() - t0) / 60
     summary = summarise(per_perm)
     n_queries = num_samples * len(permutations)
-    results = {"permutations": permutations, "num_samples": num_samples, "overrides": list(extra),
-               "minutes": round(minutes, 1), "summary": summary, "per_permutation": per_perm}
+    results = {"permutations": permutations, "num_samples": num_samples, "overrides": list(extra), "jobs": jobs,
+               "cpus": os.cpu_count(), "minutes": round(minutes, 1), "summary": summary, "per_permutation": per_perm}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:

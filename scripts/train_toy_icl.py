@@ -1,6 +1,15 @@
 """Pretrain a small Idefics2 from scratch until it learns the toy colour-to-word tasks in context (issue 8).
 
+The committed model (stages/models/toy_icl, its training.json lists both phases) came from:
+
     nice -n 19 .venv/bin/python scripts/train_toy_icl.py --out toy_icl_run --final stages/models/toy_icl
+    nice -n 5 .venv/bin/python scripts/train_toy_icl.py --out toy_icl_run2 --final stages/models/toy_icl \
+        --init stages/models/toy_icl --lm-loss --bare-frac 0.5 --steps 450 --warmup 20 --lr 3e-4 \
+        --eval-every 150 --max-minutes 14
+
+The second phase makes the student's sequence ordinary for the model: next-token CE on the template
+tokens too (MimIC's L_gt takes CE on every query token, METHOD.md §4), and half the batches start right
+after BOS without the instruction, as [BOS] + query does.
 
 Each episode is the seed Tab. 6 prompt (instruction, then up to 32 demonstrations and a query, built by
 stages.tasks.prompts.build_prompt and tokenized by stages.models.encode.tokenize) of one random

@@ -58,6 +58,7 @@ def align(cfg: "Config") -> dict:
     ev, tc = cfg.eval, cfg.task
     fields = open_manifest(cfg.teacher.store).fingerprint_fields
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
+    lm.model.to("cuda" if torch.cuda.is_available() else "cpu")
     if fields["model"] != lm.identity():
         raise UserError(f"store {cfg.teacher.store} was made with another model than {cfg.model.path}")
     samples = {s.id: s for s in get_task(fields["task"]).load(tc.root, fields["split"])}
@@ -68,7 +69,7 @@ def align(cfg: "Config") -> dict:
     trained = load_heads(ev.heads, lm)
     metrics = {"store": cfg.teacher.store, "heads": ev.heads}
     for name, heads in (("init", fresh), ("trained", trained)):
-        attach(lm, heads.to(lm.model.dtype))
+        attach(lm, heads.to(device=lm.model.device, dtype=lm.model.dtype))
         result = align_loss(lm, heads, items, lambda sid: samples[sid].load_image(), fields["capture"])
         metrics |= {f"l_align_{name}": result["l_align"], f"l_gt_{name}": result["l_gt"], "n": result["n"]}
     metrics["l_align_ratio"] = metrics["l_align_trained"] / metrics["l_align_init"]

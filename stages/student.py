@@ -94,10 +94,12 @@ def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu
 def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: int = 4) -> dict:
     """Mean L_align and L_gt of the model with `heads` attached, over store items (e.g. held-out queries)."""
     model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), capture)
+    device = next(lm.model.parameters()).device
     sums, n = torch.zeros(2), 0
     for lo in range(0, len(items), batch_size):
         batch = items[lo: lo + batch_size]
-        inputs, target, span_mask, ce_mask = make_batch(lm, batch, [[images_of(it.sample_id)] for it in batch])
+        inputs, target, span_mask, ce_mask = make_batch(lm, batch, [[images_of(it.sample_id)] for it in batch],
+                                                        device=device)
         logits, hidden = model(**inputs)
         l_align, l_gt = losses(logits, hidden, target, span_mask, ce_mask, inputs["input_ids"])
         sums += torch.tensor([l_align.item(), l_gt.item()]) * len(batch)

@@ -212,3 +212,25 @@ def test_heads_for_another_model_are_refused(setup, model_dirs):
     save_heads(build_heads(2, 4, 16), str(tmp / "wrong-heads"), {})
     with pytest.raises(UserError, match="heads in .* are for 2 layers x 4 heads x 16 dims"):
         load_heads(str(tmp / "wrong-heads"), load_model(model_dirs["idefics2"]))
+
+
+def test_on_the_embedded_default_the_paper_defaults_lower_l_align(tmp_path):
+    """Issue 4's acceptance on the embedded default (the toy ICL model and its held-out task 0) with the
+    paper's student settings (w_align 1, w_ce 0.5 on every span token, lr 5e-3): L_align's last-epoch mean
+    is at most 0.7 x its first-epoch mean, and on queries the student never saw the trained heads'
+    L_align is at most 0.8 x that of the heads it started from."""
+    common = ["--set", f"run_dir={tmp_path}", "--shots", "8"]
+    for args in (["run", "teacher", *common], ["run", "student", *common],
+                 ["run", "teacher", *common, "--store", str(tmp_path / "heldout"), "--set", "task.query_split=val",
+                  "--set", "task.support=train", "--set", "task.num_queries=64"]):
+        result = subprocess.run(PIPELINE + args, env=_env(tmp_path), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in open(tmp_path / "student-vqav2-8shot" / "losses.jsonl")]
+    first = [r["l_align"] for r in rows if r["epoch"] == 0]
+    last = [r["l_align"] for r in rows if r["epoch"] == rows[-1]["epoch"]]
+    assert sum(last) / len(last) <= 0.7 * sum(first) / len(first), (first[:4], last[-4:])
+    result = subprocess.run(PIPELINE + ["eval", "--mode", "align", *common, "--store", str(tmp_path / "heldout")],
+                            env=_env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout.splitlines()[-2])
+    assert metrics["n"] == 64 and metrics["l_align_trained"] <= 0.8 * metrics["l_align_init"], metrics

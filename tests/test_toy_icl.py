@@ -172,24 +172,25 @@ def test_second_phase_starts_from_the_saved_model_and_records_both_phases(tmp_pa
 
 
 def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
-    """`pipeline experiment toy-icl` on one permutation with a short student: every method has a number,
-    the table and the plot are written, and a rerun redoes nothing."""
+    """`pipeline experiment toy-icl` on two permutations in two processes, with a short student: every method
+    has a number, the table and the plot are written, and a rerun (in one process) redoes nothing."""
     from click.testing import CliRunner
 
     from pipeline.cli import cli
     out = str(tmp_path / "exp")
-    args = ["experiment", "toy-icl", "--out", out, "--permutations", "1", "--num-samples", "8",
+    args = ["experiment", "toy-icl", "--out", out, "--permutations", "2", "--num-samples", "8",
             "--set", "student.epochs=1", "--set", "task.num_queries=40", "--set", "teacher.shard_size=8"]
-    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    result = CliRunner().invoke(cli, [*args, "--jobs", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     results = json.load(open(os.path.join(out, "results.json")))
-    row = results["per_permutation"]["0"]
+    assert set(results["per_permutation"]) == {"0", "1"}
+    row = results["per_permutation"]["1"]
     assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only"}
     assert set(row["icl"]) == {"1", "2", "4", "8", "16", "32"} and set(row["mimic"]) == {"8", "16"}
     assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only") for a in row[m].values())
     assert row["ce_only"]["8"] == row["ce_only"]["16"]
     table = open(os.path.join(out, "results.md")).read()
-    assert "| MimIC, MSE only |" in table and "8 test queries in all" in table
+    assert "| MimIC, MSE only |" in table and "16 test queries in all" in table
     assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
     stamps = {f: os.path.getmtime(f) for f in _files(out, "heads.safetensors") + _files(out, "metrics.json")}
     again = CliRunner().invoke(cli, args, catch_exceptions=False)

@@ -31,7 +31,7 @@ def cli():
     """MimIC as a two-stage pipeline: a k-shot ICL teacher writes targets, a student trains MimIC heads.
 
     \b
-    With no config, every command runs on the embedded default (a tiny Idefics2 and synthetic VQA):
+    With no config, every command runs on the embedded default (the toy ICL model and a held-out toy task):
       pipeline run all
     """
 

@@ -18,7 +18,7 @@ from stages.errors import UserError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = ""                 # checkpoint directory or hub id; "" = the embedded default (built on first use)
+    path: str = ""                 # checkpoint directory or hub id; "" = the embedded default (the toy ICL model)
     family: str = "auto"           # idefics | idefics2 | idefics3 | auto (read from config.json)
     dtype: str = "float32"         # weights and compute: float32 | bfloat16 | float16 | float64
     trust_remote_code: bool = False  # run Python code shipped with a hub checkpoint; only for checkpoints you trust
@@ -27,7 +27,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "vqav2"            # vqav2 | okvqa | coco | hf-vqa | hf-caption
-    root: str = ""                 # data root (official files); "" = the embedded synthetic data
+    root: str = ""                 # data root (official files); "" = the embedded toy task (written on first use)
     train_split: str = "train"     # split the training queries and the support set come from
     eval_split: str = "val"        # split evaluation queries come from (never in a support set)
     query_split: str = ""          # split of the teacher's/student's queries; "" = train_split (val + support=train: a held-out store)

@@ -229,7 +229,8 @@ def test_on_the_embedded_default_the_paper_defaults_lower_l_align(tmp_path):
     first = [r["l_align"] for r in rows if r["epoch"] == 0]
     last = [r["l_align"] for r in rows if r["epoch"] == rows[-1]["epoch"]]
     assert sum(last) / len(last) <= 0.7 * sum(first) / len(first), (first[:4], last[-4:])
-    result = subprocess.run(PIPELINE + ["eval", "--mode", "align", *common, "--store", str(tmp_path / "heldout")],
+    result = subprocess.run(PIPELINE + ["eval", "--mode", "align", "--set", f"run_dir={tmp_path}", "--set", "teacher.shots=8",
+                                        "--store", str(tmp_path / "heldout")],
                             env=_env(tmp_path), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout.splitlines()[-2])

@@ -90,11 +90,11 @@ def test_short_training_lowers_the_loss_and_the_model_loads(tmp_path):
     assert log[-1]["final"] and {"k0", "k4", "k8", "k16"} <= set(log[-1])
     lm = load_model(final)
     assert lm.family == "idefics2" and lm.processor.image_seq_len == 4
-    assert json.load(open(os.path.join(final, "training.json")))["steps"] == 30
+    assert json.load(open(os.path.join(final, "training.json")))["phases"][-1]["steps"] == 30
     # Rerunning the finished command resumes from its checkpoint and trains no further step.
     script.main(["--out", out, "--final", final, "--steps", "30", "--batch", "4", "--k-max", "4", "--pool", "8",
                  "--warmup", "1", "--lr", "3e-3", "--eval-every", "1000", "--eval-episodes", "16", "--threads", "1"])
-    assert json.load(open(os.path.join(final, "training.json")))["steps"] == 30
+    assert json.load(open(os.path.join(final, "training.json")))["phases"][-1]["steps"] == 30
 
 
 def test_a_step_batch_depends_only_on_seed_and_step_and_never_shows_a_held_out_task():

@@ -1,4 +1,4 @@
-"""Small random-initialised checkpoints of the real families, for the embedded default and the tests.
+"""Small random-initialised checkpoints of the real families, for the tests and the benchmarks.
 
 They are written with `save_pretrained` and read back through exactly the loading path a real
 checkpoint takes (`stages.models.load_model`), so nothing downstream knows they are tiny.

@@ -1,4 +1,4 @@
-"""A small synthetic data set written in the official formats of every task, for the embedded default and the tests.
+"""A small synthetic data set written in the official formats of every task, for the tests and the benchmarks.
 
 One directory holds all formats:
     train2014/, val2014/      COCO_{split}2014_{image_id:012d}.jpg, 32x32 JPEG by default
@@ -35,7 +35,7 @@ from stages.errors import UserError
 
 MARKER = "synthetic.json"
 FORMAT_VERSION = 1  # bump when the content changes, so an old cached set is refused instead of silently reused
-DEFAULT_N_TRAIN = 64  # training samples of the embedded default set (pipeline/defaults.py)
+DEFAULT_N_TRAIN = 64  # training samples of a set (`pipeline make-data`)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
            "orange": (250, 140, 20), "purple": (160, 60, 210), "pink": (250, 130, 190), "white": (245, 245, 245)}

@@ -142,6 +142,18 @@ def _init_distributed(rank: int, world: int):
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _fp32_master(heads):
+    """The heads with DeepSpeed's fp32 master weights: under bf16/fp16 the module holds a rounded copy."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    n_layers, n_heads, head_dim = heads.shift_lhd.shape
+    master = build_heads(n_layers, n_heads, head_dim, heads.masked_log_z2)
+    with torch.no_grad():
+        for p, q in zip(heads.parameters(), master.parameters()):
+            hp = safe_get_full_fp32_param(p)
+            q.copy_((p if hp is None else hp).float().cpu())
+    return master
+
+
 def _schedule(optimizer, total_steps: int, warmup_ratio: float):
     warmup = max(1, math.ceil(warmup_ratio * total_steps))
 
@@ -318,8 +330,9 @@ def run(cfg: "Config") -> str:
                 _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict(),
                                                             "training": training}, rank)
     bar.close()
+    master = _fp32_master(heads)  # a collective under ZeRO: every rank takes part
     if rank == 0:
-        save_heads(heads, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],
-                                                        "store_fingerprint": reader.manifest.fingerprint})
+        save_heads(master, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],
+                                                         "store_fingerprint": reader.manifest.fingerprint})
         print(f"heads written to {os.path.join(s.out, 'heads')}")
     return s.out

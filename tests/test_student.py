@@ -235,3 +235,17 @@ def test_on_the_embedded_default_the_paper_defaults_lower_l_align(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads(result.stdout.splitlines()[-2])
     assert metrics["n"] == 64 and metrics["l_align_trained"] <= 0.8 * metrics["l_align_init"], metrics
+
+
+def test_bf16_student_saves_the_fp32_master_heads(tmp_path, model_dirs, data_root):
+    """Under bf16 DeepSpeed trains fp32 master weights and the module holds their bf16 rounding; the saved
+    heads are the masters, so some values are not bf16 numbers."""
+    common = ["--set", f"model.path={model_dirs['idefics2']}", "--set", f"task.root={data_root}",
+              "--set", f"run_dir={tmp_path}", "--set", "task.num_queries=8", "--set", "teacher.shard_size=4",
+              "--set", "model.dtype=bfloat16", "--shots", "2"]
+    out = subprocess.run(PIPELINE + ["run", "teacher", *common], env=_env(tmp_path), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _student(tmp_path, common, tmp_path / "bf16", "--epochs", "2")
+    heads = _heads(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in heads.values())
+    assert any((v != v.bfloat16().float()).any() for v in heads.values())

@@ -149,8 +149,10 @@ def _worker(out: str, p: int, num_samples: int, extra: tuple[str, ...], threads:
 def run(out: str, permutations: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
         jobs: int = 1) -> dict:
     from stages.tasks.toy_icl import N_HELD_OUT
-    if not permutations or any(not 0 <= p < N_HELD_OUT for p in permutations):
-        raise UserError(f"permutations must be held-out task seeds in 0..{N_HELD_OUT - 1}; got {permutations}")
+    outside = [p for p in permutations if not 0 <= p < N_HELD_OUT]
+    if not permutations or outside:
+        raise UserError(f"permutations must be held-out task seeds in 0..{N_HELD_OUT - 1}; got "
+                        f"{'none' if not permutations else f'{len(outside)} outside, e.g. {outside[0]}'}")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1; got {jobs}")
     os.makedirs(out, exist_ok=True)

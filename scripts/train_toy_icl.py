@@ -243,10 +243,12 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     ckpt_fpath, log_fpath = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "log.jsonl")
 
-    model, processor = build_model(args.seed)
     previous = []  # the phases the --init model went through
-    if args.init:
+    if not args.init:
+        model, processor = build_model(args.seed)
+    else:
         from transformers import AutoProcessor, Idefics2ForConditionalGeneration
+        torch.manual_seed(args.seed)  # as build_model does, so the RNG state does not depend on the phase
         model = Idefics2ForConditionalGeneration.from_pretrained(args.init)
         model.set_attn_implementation("sdpa")
         processor = AutoProcessor.from_pretrained(args.init)

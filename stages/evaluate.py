@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 
+def _write_json(fpath: str, obj) -> None:
+    """Through a temporary file: a kill leaves the old file or the new one, never half of one."""
+    with open(fpath + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(fpath + ".tmp", fpath)
+
+
 def cut_at_stop_words(text: str, stop_words: tuple[str, ...]) -> str:
     ends = [i for i in (text.find(w) for w in stop_words) if i >= 0]
     return (text[: min(ends)] if ends else text).strip()
@@ -74,8 +81,7 @@ def align(cfg: "Config") -> dict:
         metrics |= {f"l_align_{name}": result["l_align"], f"l_gt_{name}": result["l_gt"], "n": result["n"]}
     metrics["l_align_ratio"] = metrics["l_align_trained"] / metrics["l_align_init"]
     os.makedirs(ev.out, exist_ok=True)
-    with open(os.path.join(ev.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    _write_json(os.path.join(ev.out, "metrics.json"), metrics)
     return metrics
 
 
@@ -97,6 +103,9 @@ def run(cfg: "Config") -> dict:
         attach(lm, heads.to(device=device, dtype=lm.model.dtype))
     shots = ev.shots if ev.mode == "icl" else 0
     os.makedirs(ev.out, exist_ok=True)
+    # metrics.json of an earlier run would sit beside this run's config until this one finishes
+    if os.path.exists(os.path.join(ev.out, "metrics.json")):
+        os.remove(os.path.join(ev.out, "metrics.json"))
     with open(os.path.join(ev.out, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
     max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
@@ -122,6 +131,5 @@ def run(cfg: "Config") -> dict:
         for q in queries:
             f.write(json.dumps({"id": q.id, "prediction": predictions[q.id], "answers": list(q.answers)}) + "\n")
     os.replace(tmp, os.path.join(ev.out, "predictions.jsonl"))
-    with open(os.path.join(ev.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    _write_json(os.path.join(ev.out, "metrics.json"), metrics)
     return metrics

@@ -37,7 +37,7 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     With lm None (a dry run) the model's identity, read from the loaded checkpoint, is a placeholder.
     """
     t, task = cfg.teacher, cfg.task
-    model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path or 'the embedded default'}>"
+    model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path}>"
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
             "task": task.name, "split": query_split(task), "answer": task.answer, "support": task.support,

@@ -118,6 +118,11 @@ CHOICES = {
 def _coerce(where: str, value, typ):
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 (PyYAML) reads 1e-2 as a string: it wants a dot in the mantissa
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UserError(f"config {where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
     return value

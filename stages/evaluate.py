@@ -6,12 +6,12 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from stages.errors import UserError
 from stages.models import load_model
 from stages.models.encode import encode
 from stages.models.heads import attach, build_heads, load_heads
+from stages.progress import progress
 from stages.tasks import get_task
 from stages.tasks.pools import eval_queries, icd_pool, support_set, training_queries
 from stages.tasks.prompts import build_prompt, reference_answer
@@ -111,7 +111,7 @@ def run(cfg: "Config") -> dict:
     max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
 
     predictions: dict[str, str] = {}
-    for lo in tqdm(range(0, len(queries), ev.batch_size), desc=f"eval {ev.mode}", unit="batch"):
+    for lo in progress(range(0, len(queries), ev.batch_size), desc=f"eval {ev.mode}", unit="batch"):
         batch = queries[lo: lo + ev.batch_size]
         prompts = []
         for q in batch:

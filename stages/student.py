@@ -13,13 +13,13 @@ import socket
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from stages.dist import rank_and_world
 from stages.errors import UserError
 from stages.models import load_model
 from stages.models.encode import inputs_from_spans, tokenize
 from stages.models.heads import attach, build_heads, save_heads
+from stages.progress import progress
 from stages.tasks import get_task
 from stages.tasks.pools import query_split, training_queries
 from stages.tasks.prompts import build_prompt
@@ -299,7 +299,7 @@ def run(cfg: "Config") -> str:
             answer_starts[q.id] = len(ids) - start
 
     log = open(log_fpath, "a") if rank == 0 else None
-    bar = tqdm(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
+    bar = progress(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
     per_rank = s.global_batch // world
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)

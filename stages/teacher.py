@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages.dist import rank_and_world
 from stages.errors import UserError
 from stages.models import LoadedModel, load_model
 from stages.models.encode import encode, text_mask
+from stages.progress import progress
 from stages.tasks import get_task
 from stages.tasks.pools import icd_pool, query_split, support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
@@ -181,7 +181,7 @@ def run(cfg: "Config") -> str:
     # the last write, also when a forward fails, so nothing finished is lost.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for shard in tqdm(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
+        for shard in progress(mine, desc=f"teacher {t.shots}-shot", unit="shard", disable=rank > 0):
             lo, hi = manifest.shard_bounds(shard)
             jobs = [(q, v) for q in queries[lo:hi] for v in range(t.views)]  # query-major, view-minor
             items, skipped = [], {}  # skipped: query id -> reason (teacher.on_bad_sample skip)

@@ -105,6 +105,7 @@ def _markers(store) -> dict[str, bytes]:
 def store(model_dirs, data_root, tmp_path_factory):
     """A complete 2-shot store of 8 queries in 4 shards (never modified: tests copy it)."""
     from pipeline.config import load_config
+    from stages.errors import UserError
     from pipeline.defaults import resolve
     path = str(tmp_path_factory.mktemp("bad-input") / "store")
     teacher.run(resolve(load_config(None, [f"model.path={model_dirs['idefics2']}", f"task.root={data_root}",
@@ -412,5 +413,16 @@ def test_on_bad_sample_skip_records_the_reasons_and_the_student_leaves_them_out(
 def test_out_of_range_config_values(override, message):
     from pipeline.config import load_config
     from stages.errors import UserError
+    from stages.errors import UserError
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_config_float_in_exponent_form():
+    # PyYAML reads 1e-2 as a string (YAML 1.1 wants 1.0e-2); users type it either way.
+    from pipeline.config import load_config
+    from stages.errors import UserError
+    assert load_config(None, ["student.lr=1e-2", "student.weight_decay=5E-4"]).student.lr == 0.01
+    assert load_config(None, ["student.weight_decay=5E-4"]).student.weight_decay == 5e-4
+    with pytest.raises(UserError, match=r"config student\.lr: expected float, got str 'fast'$"):
+        load_config(None, ["student.lr=fast"])

@@ -173,7 +173,8 @@ def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, jobs, de
     """MimIC against zero-shot and k-shot ICL on the toy ICL model's held-out tasks (issue 8).
 
     Per permutation: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
-    with MSE + CE, MSE only and CE only, each evaluated as MimIC. Writes results.md, results.json and
+    with MSE + CE, MSE only and CE only, each evaluated as MimIC; and the MSE-only ceiling, measured by
+    patching an after-SA teacher's outputs into the zero-shot model. Writes results.md, results.json and
     accuracy_vs_k.png into --out. Rerunning the same command resumes; steps already done are kept.
 
     \b

@@ -4,6 +4,7 @@ On each held-out permutation task p of stages/tasks/toy_icl.py, with the trained
 
     data(p) -> eval zero-shot, eval k-shot ICL (k in ICL_SHOTS)
             -> for k in TEACHER_SHOTS: teacher(k) -> students (MSE + CE, MSE only, CE only) -> eval MimIC
+                                       teacher(k) aligned after SA -> the MSE-only ceiling (mse_ceiling.py)
 
 Every step is a stage's own `run(cfg)`, on a config made of the pipeline's defaults and --set style
 overrides, exactly what the CLI commands would run. A step whose output is complete is not redone, so
@@ -27,8 +28,9 @@ TEACHER_SHOTS = (8, 16)
 ICL_SHOTS = (1, 2, 4, 8, 16, 32)
 # The student's three losses: both terms with the defaults (METHOD.md §4), and each half alone.
 STUDENTS = {"mimic": (), "mse_only": ("student.w_ce=0",), "ce_only": ("student.w_align=0",)}
+PATCHED = ("patched_teacher", "patched_ceiling")  # first-answer-token accuracy on the training queries
 LABELS = {"zero_shot": "zero-shot", "icl": "k-shot ICL", "mimic": "MimIC (MSE + CE)",
-          "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only"}
+          "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only", "patched_ceiling": "MSE-only ceiling"}
 
 
 def _done(out_dpath: str, result_fname: str, cfg) -> bool:
@@ -48,6 +50,7 @@ def _evaluated(cfg) -> dict:
 
 def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ...], log) -> dict:
     """Accuracy of every method on held-out permutation p: {"zero_shot": a, "icl": {k: a}, name: {k: a}}."""
+    from pipeline import mse_ceiling
     from stages import student, teacher
     from stages.tasks.toy_icl import model_dpath, write_toy_icl
 
@@ -68,6 +71,14 @@ def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ..
         log(f"perm {p}: ICL k={k} {result['icl'][k]:.1f} (zero-shot {result['zero_shot']:.1f})")
     for k in TEACHER_SHOTS:
         teacher.run(cfg(f"teacher.shots={k}"))
+        # How far an MSE-only student could get at all: a teacher aligned after SA, patched in (mse_ceiling.py).
+        after_sa = cfg(f"teacher.shots={k}", "teacher.capture=attn", f"teacher.store={run_dir}/store-attn-{k}shot")
+        teacher.run(after_sa)
+        patched = mse_ceiling.run(after_sa)
+        result.setdefault("patched_teacher", {})[k] = patched["teacher"]
+        result.setdefault("patched_ceiling", {})[k] = patched["ceiling"]
+        log(f"perm {p}: {k}-shot teacher patched in {result['patched_teacher'][k]:.1f}, "
+            f"its per-answer mean (the MSE-only ceiling) {result['patched_ceiling'][k]:.1f}")
         for name, overrides in STUDENTS.items():
             if name == "ce_only" and k != TEACHER_SHOTS[0]:
                 # Without L_align the targets are never read: the heads are the same for every k.
@@ -92,7 +103,7 @@ def summarise(per_perm: dict[int, dict]) -> dict:
         return {"mean": statistics.fmean(values), "se": se}
     rows = list(per_perm.values())
     summary = {"zero_shot": stats(r["zero_shot"] for r in rows)}
-    for name in ("icl", *STUDENTS):
+    for name in ("icl", *STUDENTS, *PATCHED):
         summary[name] = {k: stats(r[name][k] for r in rows) for k in rows[0][name]}
     return summary
 
@@ -107,8 +118,16 @@ def table(summary: dict, n_perms: int, n_queries: int, minutes: float) -> str:
              f"| zero-shot | " + " | ".join(fmt(summary["zero_shot"]) for _ in ks) + " |"]
     for name in ("icl", *STUDENTS):
         lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(summary[name][k]) for k in ks) + " |")
+    lines.append(f"| {LABELS['patched_ceiling']} (see below) | " + " | ".join(fmt(summary["patched_ceiling"][k]) for k in ks) + " |")
     lines += ["", "MimIC rows: heads trained from the k-shot teacher's store and evaluated zero-shot "
-              "([BOS] + query, heads on). CE only never reads the store, so one run serves both columns."]
+              "([BOS] + query, heads on). CE only never reads the store, so one run serves both columns.", "",
+              "MSE-only ceiling: the answer of a student at the lowest L_align it can reach, aligned after "
+              "self-attention. Every layer's attention output on the zero-shot span is replaced by the k-shot "
+              "teacher's, averaged over the training queries with the same answer (what a student that sees "
+              "only the query can best match); the number is first-answer-token accuracy on the training queries. "
+              "Replacing them with each query's own teacher outputs gives "
+              + " and ".join(f"{fmt(summary['patched_teacher'][k])} (k = {k})" for k in ks)
+              + " on the same measure, the teacher's own accuracy (pipeline/mse_ceiling.py)."]
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +141,8 @@ def plot(summary: dict, fpath: str) -> None:
     ax.errorbar([0, *map(int, ks)], [summary["zero_shot"]["mean"], *(summary["icl"][k]["mean"] for k in ks)],
                 yerr=[summary["zero_shot"]["se"], *(summary["icl"][k]["se"] for k in ks)],
                 marker="o", label="k-shot ICL (k = 0: zero-shot)")
-    for name, marker, nudge in (("mimic", "s", 0.94), ("mse_only", "^", 1.0), ("ce_only", "v", 1.06)):
+    for name, marker, nudge in (("mimic", "s", 0.94), ("mse_only", "^", 1.0), ("ce_only", "v", 1.06),
+                                ("patched_ceiling", "x", 1.03)):
         tks = sorted(summary[name], key=int)  # nudged sideways so that equal values stay visible
         ax.errorbar([int(k) * nudge for k in tks], [summary[name][k]["mean"] for k in tks],
                     yerr=[summary[name][k]["se"] for k in tks], marker=marker, linestyle="none",
@@ -131,7 +151,7 @@ def plot(summary: dict, fpath: str) -> None:
     ax.set_xticks([0, *map(int, ks)], labels=["0", *map(str, ks)])
     ax.set_xlabel("k: demonstrations (ICL) or the teacher's shots (MimIC)")
     ax.set_ylabel("VQA accuracy")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 104)  # room for markers at 100
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -90,6 +90,12 @@ def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu
     return {k: v.to(device) for k, v in inputs.items()}, *moved
 
 
+def answer_start(lm, kind: str, query) -> int:
+    """Index in the query's span (query + answer + EOS) of the answer's first token."""
+    ids, start = tokenize(lm, build_prompt(kind, "mimic", query, [], load=lambda _: None))
+    return len(ids) - start
+
+
 @torch.no_grad()
 def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: int = 4) -> dict:
     """Mean L_align and L_gt of the model with `heads` attached, over store items (e.g. held-out queries)."""
@@ -292,11 +298,8 @@ def run(cfg: "Config") -> str:
         print(f"student: {n_params:,} trainable parameters (MimIC heads: {dims.n_layers} layers x {dims.n_heads} heads "
               f"x (2 x {dims.head_dim} + 1)); {epochs} epochs x {steps_per_epoch} steps, global batch "
               f"{s.global_batch} = {micro} x {accumulation} accumulation x {world} ranks")
-    answer_starts = {}  # query id -> index in the span where the answer starts (for ce_on = answer)
-    if s.ce_on == "answer":
-        for q in queries:
-            ids, start = tokenize(lm, build_prompt(task.kind, "mimic", q, [], load=lambda _: None))
-            answer_starts[q.id] = len(ids) - start
+    # query id -> index in the span where the answer starts (for ce_on = answer)
+    answer_starts = {q.id: answer_start(lm, task.kind, q) for q in queries} if s.ce_on == "answer" else {}
 
     log = open(log_fpath, "a") if rank == 0 else None
     bar = progress(total=total, initial=step, desc="student", unit="step", disable=rank > 0)

@@ -249,3 +249,30 @@ def test_bf16_student_saves_the_fp32_master_heads(tmp_path, model_dirs, data_roo
     heads = _heads(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in heads.values())
     assert any((v != v.bfloat16().float()).any() for v in heads.values())
+
+
+def test_answer_only_ce_masks_everything_before_the_answer(tmp_path):
+    """student.ce_on=answer: answer_start finds the answer in the span, and L_gt is taken on answer + EOS only."""
+    from stages.models import load_model
+    from stages.models.encode import encode
+    from stages.student import answer_start, make_batch
+    from stages.tasks import get_task
+    from stages.tasks.prompts import build_prompt
+    from stages.tasks.toy_icl import model_dpath, write_toy_icl
+    from storage.writer import Item
+
+    write_toy_icl(str(tmp_path / "toy"), 1, n_train=8, n_val=8)
+    lm = load_model(model_dpath(), "auto", "float32", False)
+    queries = get_task("vqav2").load(str(tmp_path / "toy"), "train")[:2]
+    items, starts = [], {}
+    for q in queries:
+        answer = reference_answer(q, "most_common")
+        span = encode(lm, [build_prompt("vqa", "mimic", q, [], answer=answer)]).span_ids[0]
+        starts[q.id] = answer_start(lm, "vqa", q)
+        answer_ids = lm.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        assert span[starts[q.id]:] == [*answer_ids, lm.tokenizer.eos_token_id]  # one toy word: one token
+        hidden = torch.zeros(len(span), lm.dims.n_layers, lm.dims.d_model)
+        items.append(Item(q.id, 0, torch.tensor(span).numpy(), hidden, (), torch.ones(len(span), dtype=bool).numpy()))
+    inputs, _, _, ce_mask = make_batch(lm, items, [[q.load_image()] for q in queries], starts)
+    t = inputs["input_ids"].shape[1]
+    assert [row.nonzero().flatten().tolist() for row in ce_mask] == [[t - 2, t - 1]] * 2

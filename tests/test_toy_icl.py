@@ -138,6 +138,43 @@ def test_committed_toy_model_learns_in_context_through_the_pipeline(tmp_path):
     assert icl["vqa_accuracy"] >= zero + 25, (zero, icl)
 
 
+def test_patching_the_teachers_own_outputs_reproduces_its_answers(tmp_path):
+    """pipeline/mse_ceiling.py: with every layer's after-SA output on the zero-shot span replaced by the
+    teacher's, the model answers exactly as the k-shot prompt does, query by query; the per-answer mean
+    (the MSE-only ceiling) is a valid accuracy on the same queries."""
+    from pipeline import mse_ceiling
+    from pipeline.config import load_config
+    from pipeline.defaults import resolve
+    from stages import teacher
+    from stages.student import answer_start
+    from stages.tasks.prompts import reference_answer
+    from stages.tasks.toy_icl import model_dpath
+    from storage.reader import read_items
+
+    data = str(tmp_path / "toy")
+    write_toy_icl(data, permutation_seed=2, n_train=24, n_val=8)
+    cfg = resolve(load_config(None, [f"model.path={model_dpath()}", f"task.root={data}", f"run_dir={tmp_path}",
+                                     "teacher.shots=8", "teacher.sampler=cover", "teacher.capture=attn",
+                                     "teacher.shard_size=8"]))
+    teacher.run(cfg)
+    measured = mse_ceiling.run(cfg)
+
+    lm = load_model(model_dpath(), "auto", "float32", False)
+    task = get_task("vqav2")
+    by_id = {s.id: s for s in task.load(data, "train")}
+    hits = 0
+    for it in read_items(cfg.teacher.store):  # the k-shot prompt the teacher ran, from the ICD ids it stored
+        q = by_id[it.sample_id]
+        icds = [(by_id[i], reference_answer(by_id[i], "most_common")) for i in it.icd_ids]
+        enc = encode(lm, [build_prompt("vqa", "icl", q, icds, answer=reference_answer(q, "most_common"))])
+        with torch.no_grad():
+            logits = lm.model(**enc.inputs).logits[0]
+        at = logits.shape[0] - len(it.token_ids) + answer_start(lm, "vqa", q)
+        hits += int(logits[at - 1].argmax() == enc.inputs["input_ids"][0, at])
+    assert measured["n"] == 24 and measured["teacher"] == pytest.approx(100 * hits / 24)
+    assert 0 <= measured["ceiling"] <= 100 and measured["zero_shot"] != measured["teacher"]
+
+
 def test_bare_episode_is_the_student_sequence():
     """--bare-frac episodes start right after BOS: a one-item bare episode is the student's [BOS] + span."""
     script = _script()
@@ -185,12 +222,14 @@ def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
     results = json.load(open(os.path.join(out, "results.json")))
     assert set(results["per_permutation"]) == {"0", "1"}
     row = results["per_permutation"]["1"]
-    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only"}
+    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling"}
     assert set(row["icl"]) == {"1", "2", "4", "8", "16", "32"} and set(row["mimic"]) == {"8", "16"}
-    assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only") for a in row[m].values())
+    assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling")
+               for a in row[m].values())
     assert row["ce_only"]["8"] == row["ce_only"]["16"]
     table = open(os.path.join(out, "results.md")).read()
-    assert "| MimIC, MSE only |" in table and "16 test queries in all" in table
+    assert "| MimIC, MSE only |" in table and "| MSE-only ceiling (see below) |" in table
+    assert "16 test queries in all" in table
     assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
     stamps = {f: os.path.getmtime(f) for f in _files(out, "heads.safetensors") + _files(out, "metrics.json")}
     again = CliRunner().invoke(cli, args, catch_exceptions=False)

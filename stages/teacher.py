@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from cachetools import LRUCache, cached
 
 from stages.dist import rank_and_world
 from stages.errors import UserError
@@ -29,6 +30,14 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 PROMPT_TEMPLATE = "seed-tab6/v1"  # bump when prompts.py changes what a prompt looks like
+
+# Decoded images, reused by every prompt that shows them (a support image appears in about k prompts),
+# are kept up to a memory budget rather than a count: a full-size COCO image decodes to about 1 MB.
+IMAGE_CACHE_BYTES = 1 << 30
+
+
+def _decoded_bytes(image) -> int:
+    return image.width * image.height * len(image.getbands())
 
 
 def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict:
@@ -168,7 +177,7 @@ def run(cfg: "Config") -> str:
     mine = [s for s in range(manifest.n_shards) if shard_owner(s, world) == rank and s not in published]
     print(f"teacher rank {rank}/{world}: {len(mine)} of {manifest.n_shards} shards to write into {t.store} "
           f"(fingerprint {manifest.fingerprint[:12]})")
-    load_image = functools.lru_cache(maxsize=4096)(lambda sid: by_id[sid].load_image())
+    load_image = cached(LRUCache(IMAGE_CACHE_BYTES, getsizeof=_decoded_bytes))(lambda sid: by_id[sid].load_image())
 
     def build(q, ids):  # the k-shot prompt of query q with demonstrations ids, answer appended
         return build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],

@@ -188,6 +188,24 @@ def test_batched_targets_equal_unbatched(family, model_dirs, data_root, tmp_path
                                    msg=lambda m: f"{x.sample_id}/{x.view}: {m}")
 
 
+def test_image_cache_keeps_to_its_byte_budget(model_dirs, data_root, tmp_path, monkeypatch):
+    """Each image is decoded once while the decoded images fit the budget; with a budget smaller than one
+    image nothing is kept, every use decodes again, and the store is the same."""
+    from collections import Counter
+
+    from stages.tasks.sample import Sample
+    decoded, load_image = Counter(), Sample.load_image
+    monkeypatch.setattr(Sample, "load_image", lambda self: decoded.update([self.id]) or load_image(self))
+    overrides = ("teacher.shots=4", "task.num_queries=8", "teacher.shard_size=4")
+    teacher.run(_config(model_dirs["idefics2"], data_root, tmp_path / "cached", tmp_path, *overrides))
+    assert set(decoded.values()) == {1}
+    decoded.clear()
+    monkeypatch.setattr(teacher, "IMAGE_CACHE_BYTES", 1)
+    teacher.run(_config(model_dirs["idefics2"], data_root, tmp_path / "uncached", tmp_path, *overrides))
+    assert max(decoded.values()) > 1 and sum(decoded.values()) == 8 * (4 + 1)  # every prompt's 5 images
+    _assert_same_store(str(tmp_path / "cached"), str(tmp_path / "uncached"))
+
+
 @pytest.mark.parametrize("family", ["idefics", "idefics2"])
 def test_text_only_span_keeps_the_text_rows_of_the_full_span(family, model_dirs, data_root, tmp_path):
     stores = {}

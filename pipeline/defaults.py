@@ -11,6 +11,10 @@ import os
 from pipeline.config import Config
 
 DEFAULT_PERMUTATION = 0  # the held-out toy task of the embedded default (stages/tasks/toy_icl.py)
+# The embedded default's student schedule, unless student.epochs is set. The paper's rule (10 epochs
+# below 1,000 samples) is 640 steps on the default's 256 queries and leaves the toy model's heads
+# undertrained: MimIC 50.0 against 32-shot ICL 76.2. 40 epochs (2,560 steps) give 87.5.
+DEFAULT_EPOCHS = 40
 
 
 def cache_home() -> str:
@@ -30,10 +34,13 @@ def default_data_dpath() -> str:
 
 
 def resolve(cfg: Config, *, build_defaults: bool = True) -> Config:
-    """Fill the empty paths: the embedded default model and data, and each stage's output under run_dir."""
+    """Fill the empty paths: the embedded default model and data (with its student epochs), and each
+    stage's output under run_dir."""
     model, task, teacher, student, ev = cfg.model, cfg.task, cfg.teacher, cfg.student, cfg.eval
     if not model.path:
         model = dataclasses.replace(model, path=default_model_dpath())
+    if not task.root and not student.epochs:
+        student = dataclasses.replace(student, epochs=DEFAULT_EPOCHS)
     if not task.root and build_defaults:
         task = dataclasses.replace(task, root=default_data_dpath())
     tag = f"{task.name}-{teacher.shots}shot"

@@ -129,7 +129,7 @@ def test_student_dry_run_for_1_and_8_ranks(tmp_path):
     assert (one["world_size"], one["micro_batch_per_rank"], one["accumulation_steps"]) == (1, 2, 2)
     assert one["deepspeed"]["train_micro_batch_size_per_gpu"] == 2
     assert one["deepspeed"]["zero_optimization"]["stage"] == 2
-    assert (one["items"], one["epochs"], one["steps_per_epoch"]) == (256, 10, 64)
+    assert (one["items"], one["epochs"], one["steps_per_epoch"]) == (256, 40, 64)  # the embedded default's epochs
     eight = _dry_run(["run", "student", "--set", "student.global_batch=16", "--zero-stage", "3"],
                      {"RANK": "0", "WORLD_SIZE": "8"}, tmp_path)
     assert (eight["world_size"], eight["micro_batch_per_rank"], eight["accumulation_steps"]) == (8, 2, 1)

@@ -120,10 +120,15 @@ def run_all(config_fpath, overrides, shots, debug):
     cfg = _config(config_fpath, overrides, **{"teacher.shots": shots})
     teacher.run(cfg)
     student.run(cfg)
+    scores = {}
     for mode in ("zero-shot", "icl", "mimic"):
         metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode,
                                                                    "eval.shots": cfg.teacher.shots}))
         click.echo(json.dumps(metrics))
+        name = "vqa_accuracy" if "vqa_accuracy" in metrics else "cider"
+        scores[mode] = metrics[name]
+    click.echo(f"{name} on {metrics['n']} {cfg.task.name} queries: zero-shot {scores['zero-shot']:.1f}, "
+               f"{cfg.teacher.shots}-shot ICL {scores['icl']:.1f}, MimIC {scores['mimic']:.1f}")
 
 
 @cli.command("eval")

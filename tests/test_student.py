@@ -287,3 +287,22 @@ def test_the_embedded_default_trains_its_own_epochs_unless_told():
     assert resolve(load_config(None, []), build_defaults=False).student.epochs == DEFAULT_EPOCHS == 40
     assert resolve(load_config(None, ["student.epochs=3"]), build_defaults=False).student.epochs == 3
     assert resolve(load_config(None, ["task.root=/data/vqav2"]), build_defaults=False).student.epochs == 0
+
+
+def test_run_all_trains_and_evaluates_and_summarises(tmp_path):
+    """`pipeline run all`, the main job, on the toy model and a small held-out toy task: teacher, student,
+    then the three evaluations, whose accuracies the last line sums up as written in their metrics.json."""
+    from stages.tasks.toy_icl import write_toy_icl
+    write_toy_icl(str(tmp_path / "toy"), 3, n_train=32, n_val=16)
+    result = subprocess.run(PIPELINE + ["run", "all", "--shots", "8", "--set", f"task.root={tmp_path / 'toy'}",
+                                        "--set", f"run_dir={tmp_path / 'runs'}", "--set", "student.epochs=2",
+                                        "--set", "eval.num_samples=16", "--set", "teacher.shard_size=8"],
+                            env=_env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = {mode: json.load(open(tmp_path / "runs" / name / "metrics.json"))["vqa_accuracy"]
+               for mode, name in (("zero-shot", "eval-zero-shot-vqav2"), ("icl", "eval-icl-8shot-vqav2"),
+                                  ("mimic", "eval-mimic-vqav2"))}
+    assert os.path.isfile(tmp_path / "runs" / "student-vqav2-8shot" / "heads" / "heads.safetensors")
+    assert result.stdout.splitlines()[-1] == (
+        f"vqa_accuracy on 16 vqav2 queries: zero-shot {written['zero-shot']:.1f}, 8-shot ICL {written['icl']:.1f}, "
+        f"MimIC {written['mimic']:.1f}")

@@ -118,7 +118,8 @@ def table(summary: dict, n_perms: int, n_queries: int, minutes: float) -> str:
              f"| zero-shot | " + " | ".join(fmt(summary["zero_shot"]) for _ in ks) + " |"]
     for name in ("icl", *STUDENTS):
         lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(summary[name][k]) for k in ks) + " |")
-    lines.append(f"| {LABELS['patched_ceiling']} (see below) | " + " | ".join(fmt(summary["patched_ceiling"][k]) for k in ks) + " |")
+    ceiling = summary["patched_ceiling"]
+    lines.append(f"| {LABELS['patched_ceiling']} (see below) | " + " | ".join(fmt(ceiling[k]) for k in ks) + " |")
     lines += ["", "MimIC rows: heads trained from the k-shot teacher's store and evaluated zero-shot "
               "([BOS] + query, heads on). CE only never reads the store, so one run serves both columns.", "",
               "MSE-only ceiling: the answer of a student at the lowest L_align it can reach, aligned after "

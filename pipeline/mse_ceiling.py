@@ -28,7 +28,7 @@ def patched_accuracy(lm, items, images_of, starts: dict[str, int], outputs_of, b
     layers = lm.adapter.decoder_layers(lm.model)
     patch = {}
 
-    def hook(module, args, out, layer):
+    def replace(layer: int, out: tuple):
         if not patch:
             return None
         hidden = out[0].clone()
@@ -36,7 +36,8 @@ def patched_accuracy(lm, items, images_of, starts: dict[str, int], outputs_of, b
         hidden[:, -n:] = patch["outputs"][:, :, layer].to(hidden.dtype)
         return (hidden, *out[1:])
 
-    handles = [layer.self_attn.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i, layer in enumerate(layers)]
+    handles = [layer.self_attn.register_forward_hook(lambda module, args, out, i=i: replace(i, out))
+               for i, layer in enumerate(layers)]
     hits = 0
     try:
         for lo in range(0, len(items), batch_size):

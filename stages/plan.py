@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from stages.dist import LAUNCHER_VARS, rank_and_world
 from stages.errors import UserError
-from stages.student import ds_config, batch_split
+from stages.student import batch_split, ds_config, epochs_for
 from stages.tasks import get_task
 from stages.tasks.pools import query_split, training_queries
 from stages.tasks.toy_icl import DEFAULT_N_TRAIN
@@ -100,8 +100,7 @@ def student_plan(cfg: "Config") -> dict:
             "items": n_items, "items_from": items_from, "out": s.out, "global_batch": s.global_batch,
             "micro_batch_per_rank": micro, "accumulation_steps": accumulation, "zero_stage": s.zero_stage}
     if n_items is not None:
-        # The same rule as student.run: 10 epochs below 1000 training samples, else 5 (seed §7.2).
-        epochs = s.epochs or (10 if n_items < 1000 else 5)
+        epochs = epochs_for(s, n_items)
         plan |= {"epochs": epochs, "steps_per_epoch": n_items // s.global_batch,
                  "optimizer_steps": epochs * (n_items // s.global_batch)}
     plan["deepspeed"] = ds_config(s, micro, accumulation, cfg.model.dtype)

@@ -170,6 +170,11 @@ def _schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def epochs_for(s, n_items: int) -> int:
+    """student.epochs, or when 0 the paper's rule: 10 epochs below 1000 training samples, else 5 (seed §7.2)."""
+    return s.epochs or (10 if n_items < 1000 else 5)
+
+
 def batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, int]:
     """(micro batch per rank, accumulation steps) so that micro x accumulation x world = global_batch."""
     micro = min(micro_batch, max(1, global_batch // world))
@@ -262,7 +267,7 @@ def run(cfg: "Config") -> str:
     attach(lm, heads)
     model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
     n_params = sum(p.numel() for p in heads.parameters())
-    epochs = s.epochs or (10 if len(reader) < 1000 else 5)
+    epochs = epochs_for(s, len(reader))
     steps_per_epoch = len(reader) // s.global_batch
     if steps_per_epoch == 0:
         raise UserError(f"the store holds {len(reader)} items, fewer than one global batch of {s.global_batch}")

@@ -22,9 +22,10 @@ from storage.reader import open_manifest, read_items
 
 
 @torch.no_grad()
-def patched_accuracy(lm, items, images_of, starts: dict[str, int], outputs_of, batch_size: int = 50) -> float:
-    """Teacher-forced accuracy on each item's first answer token, with every layer's attention output on
-    the span replaced by outputs_of(batch) [b, span, layers, d] (None: nothing replaced)."""
+def patched_accuracies(lm, items, images_of, starts: dict[str, int], variants: dict, batch_size: int = 50) -> dict:
+    """{name: teacher-forced accuracy (%) on each item's first answer token} with every layer's attention
+    output on the span replaced by variants[name](batch) [b, span, layers, d] (None: nothing replaced).
+    Each batch is built once and run once per variant."""
     layers = lm.adapter.decoder_layers(lm.model)
     patch = {}
 
@@ -38,24 +39,24 @@ def patched_accuracy(lm, items, images_of, starts: dict[str, int], outputs_of, b
 
     handles = [layer.self_attn.register_forward_hook(lambda module, args, out, i=i: replace(i, out))
                for i, layer in enumerate(layers)]
-    hits = 0
+    hits = dict.fromkeys(variants, 0)
     try:
         for lo in range(0, len(items), batch_size):
             batch = items[lo: lo + batch_size]
             inputs, _, _, _ = make_batch(lm, batch, [[images_of(it.sample_id)] for it in batch])
-            replacement = outputs_of(batch)
-            patch.clear()
-            if replacement is not None:
-                patch["outputs"] = replacement
-            logits = lm.model(**inputs).logits
-            t = logits.shape[1]
-            for row, it in enumerate(batch):  # spans are right-aligned: span index j is position t - n + j
-                at = t - len(it.token_ids) + starts[it.sample_id]
-                hits += int(logits[row, at - 1].argmax() == inputs["input_ids"][row, at])
+            for name, outputs_of in variants.items():
+                patch.clear()
+                if (replacement := outputs_of(batch)) is not None:
+                    patch["outputs"] = replacement
+                logits = lm.model(**inputs).logits
+                t = logits.shape[1]
+                for row, it in enumerate(batch):  # spans are right-aligned: span index j is position t - n + j
+                    at = t - len(it.token_ids) + starts[it.sample_id]
+                    hits[name] += int(logits[row, at - 1].argmax() == inputs["input_ids"][row, at])
     finally:
         for h in handles:
             h.remove()
-    return 100.0 * hits / len(items)
+    return {name: 100.0 * h / len(items) for name, h in hits.items()}
 
 
 def run(cfg) -> dict:
@@ -76,10 +77,8 @@ def run(cfg) -> dict:
     for it in items:
         by_answer.setdefault(answer_of[it.sample_id], []).append(it.hidden.float())
     mean_of = {a: torch.stack(hs).mean(0) for a, hs in by_answer.items()}
-
-    def accuracy(outputs_of):
-        return patched_accuracy(lm, items, lambda sid: samples[sid].load_image(), starts, outputs_of)
-    return {"zero_shot": accuracy(lambda batch: None),
-            "teacher": accuracy(lambda batch: torch.stack([it.hidden.float() for it in batch])),
-            "ceiling": accuracy(lambda batch: torch.stack([mean_of[answer_of[it.sample_id]] for it in batch])),
-            "n": len(items)}
+    variants = {"zero_shot": lambda batch: None,
+                "teacher": lambda batch: torch.stack([it.hidden.float() for it in batch]),
+                "ceiling": lambda batch: torch.stack([mean_of[answer_of[it.sample_id]] for it in batch])}
+    accuracies = patched_accuracies(lm, items, lambda sid: samples[sid].load_image(), starts, variants)
+    return {**accuracies, "n": len(items)}

@@ -48,9 +48,24 @@ def _evaluated(cfg) -> dict:
     return evaluate.run(cfg)
 
 
+def _ceiling(cfg, out_dpath: str) -> dict:
+    """The MSE-only ceiling on cfg's after-SA store, or the one already measured with this same config."""
+    from pipeline import mse_ceiling
+    if _done(out_dpath, "ceiling.json", cfg):
+        return json.load(open(os.path.join(out_dpath, "ceiling.json")))
+    patched = mse_ceiling.run(cfg)
+    os.makedirs(out_dpath, exist_ok=True)
+    if os.path.exists(os.path.join(out_dpath, "ceiling.json")):  # never beside another config than its own
+        os.remove(os.path.join(out_dpath, "ceiling.json"))
+    for fname, obj in (("config.json", cfg.to_dict()), ("ceiling.json", patched)):  # the result last
+        with open(os.path.join(out_dpath, fname + ".tmp"), "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(os.path.join(out_dpath, fname + ".tmp"), os.path.join(out_dpath, fname))
+    return patched
+
+
 def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ...], log) -> dict:
     """Accuracy of every method on held-out permutation p: {"zero_shot": a, "icl": {k: a}, name: {k: a}}."""
-    from pipeline import mse_ceiling
     from stages import student, teacher
     from stages.tasks.toy_icl import model_dpath, write_toy_icl
 
@@ -74,7 +89,7 @@ def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ..
         # How far an MSE-only student could get at all: a teacher aligned after SA, patched in (mse_ceiling.py).
         after_sa = cfg(f"teacher.shots={k}", "teacher.capture=attn", f"teacher.store={run_dir}/store-attn-{k}shot")
         teacher.run(after_sa)
-        patched = mse_ceiling.run(after_sa)
+        patched = _ceiling(after_sa, os.path.join(run_dir, f"ceiling-{k}shot"))
         result.setdefault("patched_teacher", {})[k] = patched["teacher"]
         result.setdefault("patched_ceiling", {})[k] = patched["ceiling"]
         log(f"perm {p}: {k}-shot teacher patched in {result['patched_teacher'][k]:.1f}, "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from stages.errors import UserError
 from stages.models import load_model
 from stages.student import answer_start, make_batch
 from stages.tasks import get_task
@@ -64,13 +65,15 @@ def run(cfg) -> dict:
     outputs patched in (≈ k-shot ICL), and the per-answer mean patched in (the MSE-only ceiling)."""
     manifest = open_manifest(cfg.teacher.store)
     if manifest.fingerprint_fields.get("capture") != "attn":
-        raise ValueError("the MSE ceiling needs a store aligned after self-attention (teacher.capture=attn)")
+        raise UserError(f"the MSE ceiling needs a store aligned after self-attention (teacher.capture=attn); "
+                        f"{cfg.teacher.store} holds {manifest.fingerprint_fields.get('capture')}")
     lm = load_model(cfg.model.path, cfg.model.family, "float32", cfg.model.trust_remote_code)
     task = get_task(cfg.task.name)
     samples = {s.id: s for s in task.load(cfg.task.root, cfg.task.train_split)}
     items = list(read_items(cfg.teacher.store))
     if any(len(it.token_ids) != len(items[0].token_ids) or not it.keep.all() for it in items):
-        raise ValueError("the MSE ceiling needs spans of one length with every token stored (toy task, span=all)")
+        raise UserError("the MSE ceiling needs spans of one length with every token stored (the toy task with "
+                        "teacher.span=all)")
     starts = {it.sample_id: answer_start(lm, task.kind, samples[it.sample_id]) for it in items}
     answer_of = {it.sample_id: tuple(it.token_ids[starts[it.sample_id]:].tolist()) for it in items}
     by_answer: dict[tuple, list[torch.Tensor]] = {}

@@ -231,10 +231,12 @@ def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
     assert "| MimIC, MSE only |" in table and "| MSE-only ceiling (see below) |" in table
     assert "16 test queries in all" in table
     assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
-    stamps = {f: os.path.getmtime(f) for f in _files(out, "heads.safetensors") + _files(out, "metrics.json")}
+    stamps = {f: os.path.getmtime(f) for name in ("heads.safetensors", "metrics.json", "ceiling.json")
+              for f in _files(out, name)}
+    assert len(_files(out, "ceiling.json")) == 4  # 2 permutations x 2 teachers
     again = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert again.exit_code == 0 and json.load(open(os.path.join(out, "results.json")))["summary"] == results["summary"]
-    assert stamps == {f: os.path.getmtime(f) for f in stamps}  # nothing was trained or evaluated again
+    assert stamps == {f: os.path.getmtime(f) for f in stamps}  # nothing was trained, evaluated or measured again
 
 
 def _files(root: str, name: str) -> list[str]:

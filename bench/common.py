@@ -102,15 +102,16 @@ def teacher_batches(cfg, lm, manifest=None) -> list[TeacherBatch]:
     """The teacher's batches, shard by shard, exactly as stages/teacher.py builds them (sampler, prompts, encode)."""
     from stages.models.encode import encode
     from stages.tasks import get_task
-    from stages.tasks.pools import icd_pool, query_split, support_set, training_queries
+    from stages.tasks.pools import icd_pool, query_split, same_picture, support_set, training_queries
     from stages.tasks.prompts import build_prompt, reference_answer
     from stages.tasks.sampler import sample_icds
     t, tc = cfg.teacher, cfg.task
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     support = support_set(task, tc.root, tc.train_split, queries, tc.support)
     by_id = {s.id: s for s in support} | {q.id: q for q in queries}
     support_ids, support_answers = icd_pool(support, tc.answer)
+    same_picture_ids = same_picture(support, t.exclude_same_image)
     images = {}
 
     def load(s):
@@ -125,7 +126,7 @@ def teacher_batches(cfg, lm, manifest=None) -> list[TeacherBatch]:
         for b0 in range(0, len(jobs), t.batch_size):
             batch = jobs[b0: b0 + t.batch_size]
             icd_ids = [sample_icds(support_ids, q.id, t.shots, seed=t.seed, view=v, sampler=t.sampler,
-                                   answers=support_answers) for q, v in batch]
+                                   answers=support_answers, exclude=same_picture_ids(q)) for q, v in batch]
             prompts = [build_prompt(task.kind, "icl", q, [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in ids],
                                     answer=reference_answer(q, tc.answer), load=load)
                        for (q, _), ids in zip(batch, icd_ids)]
@@ -140,7 +141,7 @@ def teacher_manifest(cfg, lm):
     from storage.manifest import FORMAT_VERSION, Manifest
     t, tc = cfg.teacher, cfg.task
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     dims = lm.dims
     return Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
                     t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype)

@@ -139,7 +139,7 @@ def main():
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bfloat16"))
     t, tc = cfg.teacher, cfg.task
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries, seed=tc.seed)
     support = task.load(tc.root, tc.train_split)
     by_id = {s.id: s for s in support}
     support_ids = [s.id for s in support]

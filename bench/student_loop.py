@@ -43,7 +43,7 @@ def setup(cfg, with_reader: bool = True) -> Setup:
     from storage.reader import TargetReader
     s, tc = cfg.student, cfg.task
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    queries = training_queries(task, tc.root, tc.train_split, tc.num_queries, seed=tc.seed)
     support = support_set(task, tc.root, tc.train_split, queries, tc.support)
     by_id = {x.id: x for x in support} | {q.id: q for q in queries}
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)

@@ -10,8 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import click
 
-from pipeline.config import load_config
-from pipeline.defaults import resolve
+from pipeline.config import explicit_keys, load_config
+from pipeline.defaults import follow_store, resolve
 from stages.errors import UserError
 
 CONFIG = click.option("--config", "config_fpath", type=click.Path(dir_okay=False), help="YAML or TOML experiment config.")
@@ -20,10 +20,14 @@ DEBUG = click.option("--debug", is_flag=True, help="Show tracebacks.")
 DRY_RUN = click.option("--dry-run", is_flag=True, help="Print the plan (ranks, shards, store, fingerprint, DeepSpeed); load no model.")
 
 
-def _config(config_fpath, overrides, build_defaults=True, **named):
-    """Config file, then --set, then the named options (those given)."""
-    extra = [f"{key}={value}" for key, value in named.items() if value is not None]
-    return resolve(load_config(config_fpath, [*overrides, *extra]), build_defaults=build_defaults)
+def _config(config_fpath, overrides, build_defaults=True, reads_store=lambda cfg: False, **named):
+    """Config file, then --set, then the named options (those given). Where reads_store(cfg), the stage
+    reads a teacher's store and takes the teacher settings from it (pipeline.defaults.follow_store)."""
+    sets = [*overrides, *(f"{key}={value}" for key, value in named.items() if value is not None)]
+    cfg = load_config(config_fpath, sets)
+    if reads_store(cfg):
+        cfg = follow_store(cfg, explicit_keys(config_fpath, sets))
+    return resolve(cfg, build_defaults=build_defaults)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +84,8 @@ def run_teacher(config_fpath, overrides, shots, views, num_queries, store, captu
 @CONFIG
 @SET
 @click.option("--store", help="teacher store to train from (teacher.store).")
-@click.option("--shots", type=int, help="the shot count the store must have been made with (teacher.shots).")
+@click.option("--shots", type=int, help="without --store: train from store-<task>-<k>shot; with it: the k it must have "
+              "been made with (teacher.shots; unset, the store's own).")
 @click.option("--epochs", type=int, help="training epochs; 0 = the paper's rule (student.epochs).")
 @click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (student.zero_stage).")
 @DRY_RUN
@@ -88,14 +93,18 @@ def run_teacher(config_fpath, overrides, shots, views, num_queries, store, captu
 def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, dry_run, debug):
     """Train MimIC heads against a teacher store with DeepSpeed ZeRO.
 
+    The teacher's settings (shots, sampler, seed, views, span, capture) come from the store; one set
+    explicitly must agree with it. The output is named after the store's shots.
+
     \b
     Example:
       pipeline run student
       pipeline run student --store runs/store-vqav2-32shot --zero-stage 3
       WORLD_SIZE=8 RANK=0 pipeline run student --dry-run   # the plan for 8 ranks
     """
-    cfg = _config(config_fpath, overrides, not dry_run, **{"teacher.store": store, "teacher.shots": shots,
-                  "student.epochs": epochs, "student.zero_stage": zero_stage})
+    cfg = _config(config_fpath, overrides, not dry_run, reads_store=lambda cfg: True,
+                  **{"teacher.store": store, "teacher.shots": shots, "student.epochs": epochs,
+                     "student.zero_stage": zero_stage})
     if dry_run:
         from stages.plan import student_plan
         return click.echo(json.dumps(student_plan(cfg), indent=2))
@@ -138,7 +147,8 @@ def run_all(config_fpath, overrides, shots, debug):
 @click.option("--shots", type=int, help="k for icl (eval.shots).")
 @click.option("--heads", help="heads directory for mimic (eval.heads).")
 @click.option("--num-samples", type=int, help="evaluation queries; 0 = all (eval.num_samples).")
-@click.option("--store", help="with --mode align: the teacher store to measure L_align on (teacher.store).")
+@click.option("--store", help="the teacher store (teacher.store): with --mode align, the one to measure L_align "
+              "on; with mimic or align, the default --heads are those of the student trained from it.")
 @DEBUG
 def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, debug):
     """Generate answers and score them (VQA accuracy or CIDEr); writes predictions.jsonl and metrics.json.
@@ -150,11 +160,13 @@ def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, de
     Example:
       pipeline eval --mode icl --shots 4
       pipeline eval --mode mimic --heads runs/student-vqav2-32shot/heads
+      pipeline eval --mode mimic --store runs/store-vqav2-8shot    # the heads in runs/student-vqav2-8shot
       pipeline eval --mode align --store runs/heldout-store --heads runs/student-vqav2-32shot/heads
     """
     from stages import evaluate
-    cfg = _config(config_fpath, overrides, **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads,
-                  "eval.num_samples": num_samples, "teacher.store": store})
+    cfg = _config(config_fpath, overrides, reads_store=lambda cfg: cfg.eval.mode in ("mimic", "align"),
+                  **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads, "eval.num_samples": num_samples,
+                     "teacher.store": store})
     metrics = evaluate.run(cfg)
     click.echo(json.dumps(metrics))
     click.echo(f"wrote {cfg.eval.out}/metrics.json")

@@ -6,6 +6,7 @@ keys and wrong types are errors naming the key. The effective config is saved in
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -31,7 +32,8 @@ class TaskConfig:
     train_split: str = "train"     # split the training queries and the support set come from
     eval_split: str = "val"        # split evaluation queries come from (never in a support set)
     query_split: str = ""          # split of the teacher's/student's queries; "" = train_split (val + support=train: a held-out store)
-    num_queries: int = 0           # training queries N (the first N of the split); 0 = all
+    num_queries: int = 0           # training queries N (the first N of the split shuffled by task.seed); 0 = all
+    seed: int = 3407               # shuffles each split before training/evaluation queries are taken (the authors' seed)
     answer: str = "most_common"    # target/ICD answer: most_common of the annotators | first (the authors' code)
     support: str = "queries"       # ICD pool: queries (the N training queries, as the authors) | train (whole split)
 
@@ -42,6 +44,7 @@ class TeacherConfig:
     views: int = 1                 # V independent ICD draws per query; the student uses view (epoch mod V)
     seed: int = 0                  # ICD sampler seed (with query id and view)
     sampler: str = "uniform"       # ICDs: uniform (the authors) | cover (one per reference answer, round after round)
+    exclude_same_image: bool = False  # no ICD shows the query's picture; off = only the query itself is left out (the authors)
     store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
     capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
     span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
@@ -56,6 +59,7 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class StudentConfig:
     out: str = ""                  # run directory for checkpoints, log and heads; "" = <run_dir>/student-<task>-<shots>shot
+                                   # (the shots of the store it trains from)
     lr: float = 5e-3               # AdamW learning rate (seed §7.2)
     weight_decay: float = 1e-3     # AdamW weight decay (seed Tab. 7)
     warmup_ratio: float = 0.1      # fraction of optimiser steps with linear warm-up, then cosine decay
@@ -78,11 +82,13 @@ class EvalConfig:
     mode: str = "zero-shot"        # zero-shot | icl | mimic | align (L_align of the heads on teacher.store)
     shots: int = 4                 # k for icl
     heads: str = ""                # heads directory for mimic; "" = the student's default output
-    num_samples: int = 0           # evaluation queries (first of the eval split); 0 = all
+    num_samples: int = 0           # evaluation queries (the first of the eval split shuffled by task.seed); 0 = all
     batch_size: int = 8            # prompts per generate call
     num_beams: int = 3             # beam search width (METHOD.md §6)
     seed: int = 0                  # ICD sampler seed for icl
     sampler: str = "uniform"       # ICDs for icl: uniform | cover (as teacher.sampler)
+    exclude_same_image: bool = False  # for icl, as teacher.exclude_same_image
+    vqa_normalize_refs: bool = False  # VQA accuracy: answers normalised in full, like the prediction (then not the official score)
     out: str = ""                  # run directory; "" = <run_dir>/eval-<mode>-<task>
 
 
@@ -116,15 +122,17 @@ CHOICES = {
 
 
 def _coerce(where: str, value, typ):
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is float and isinstance(value, str):
+    if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 (PyYAML) reads 1e-2 as a string: it wants a dot in the mantissa
-            return float(value)
+            value = float(value)
+        except OverflowError:  # an int past the float range
+            value = math.inf
         except ValueError:
             pass
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise UserError(f"config {where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+    if typ is float and not math.isfinite(value):  # nan or inf would train NaN heads, or crash deep inside AdamW
+        raise UserError(f"config {where}: expected a finite number, got {value}")
     return value
 
 
@@ -154,7 +162,8 @@ def _check(cfg: Config) -> Config:
     if cfg.eval.shots < 0:
         raise UserError(f"config eval.shots: must be 0 or more, got {cfg.eval.shots}")
     non_negative = {"task.num_queries": cfg.task.num_queries, "eval.num_samples": cfg.eval.num_samples,
-                    "teacher.seed": t.seed, "student.seed": s.seed, "eval.seed": cfg.eval.seed,
+                    "task.seed": cfg.task.seed, "teacher.seed": t.seed, "student.seed": s.seed,
+                    "eval.seed": cfg.eval.seed,
                     "student.shuffle_buffer": s.shuffle_buffer}
     for key, value in non_negative.items():
         if value < 0:
@@ -211,3 +220,15 @@ def load_config(fpath: str | None = None, overrides: typing.Iterable[str] = ()) 
         else:
             kwargs[name] = _section(name, typing.get_type_hints(Config)[name], values)
     return _check(Config(**kwargs))
+
+
+def explicit_keys(fpath: str | None = None, overrides: typing.Iterable[str] = ()) -> frozenset[str]:
+    """The `section.key` names that the file and the overrides set, whatever their values.
+
+    A stage that takes settings from elsewhere (the student, from its store) takes those the user left
+    unset and checks those the user set, even to their default value. Call after load_config, which
+    refuses a bad file or override.
+    """
+    data = _read_file(fpath) if fpath else {}
+    keys = {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict) for key in values}
+    return frozenset(keys | {item.split("=", 1)[0] for item in overrides})

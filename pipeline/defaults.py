@@ -33,9 +33,27 @@ def default_data_dpath() -> str:
     return dpath
 
 
+def follow_store(cfg: Config, explicit: frozenset[str]) -> Config:
+    """For a stage that reads a teacher's store (the student, evaluation with its heads): cfg with the
+    teacher settings the store was made with (stages.student.TEACHER_ONLY), before resolve, so that the
+    names made from them (student-<task>-<k>shot) follow the store. Settings in `explicit` must agree.
+
+    No readable store there: cfg as it is; the stage says what is wrong when it opens the store.
+    """
+    from stages.student import follow_store as take_settings
+    from storage.errors import StoreError
+    from storage.reader import open_manifest
+    store = resolve(cfg, build_defaults=False).teacher.store
+    try:
+        manifest = open_manifest(store)
+    except StoreError:
+        return cfg
+    return take_settings(cfg, manifest, explicit, store)
+
+
 def resolve(cfg: Config, *, build_defaults: bool = True) -> Config:
     """Fill the empty paths: the embedded default model and data (with its student epochs), and each
-    stage's output under run_dir."""
+    stage's output under run_dir, named by the task and teacher.shots."""
     model, task, teacher, student, ev = cfg.model, cfg.task, cfg.teacher, cfg.student, cfg.eval
     if not model.path:
         model = dataclasses.replace(model, path=default_model_dpath())

@@ -13,7 +13,7 @@ from stages.models.encode import encode
 from stages.models.heads import attach, build_heads, load_heads
 from stages.progress import progress
 from stages.tasks import get_task
-from stages.tasks.pools import eval_queries, icd_pool, support_set, training_queries
+from stages.tasks.pools import eval_queries, icd_pool, same_picture, support_set, training_queries
 from stages.tasks.prompts import build_prompt, reference_answer
 from stages.tasks.sampler import sample_icds
 
@@ -45,10 +45,11 @@ def generate(lm, inputs: dict, *, max_new_tokens: int, stop_words: tuple[str, ..
     return [cut_at_stop_words(t, stop_words) for t in texts]
 
 
-def score(kind: str, task_name: str, predictions: dict[str, str], queries) -> dict:
+def score(kind: str, task_name: str, predictions: dict[str, str], queries, *, normalize_refs: bool = False) -> dict:
     from stages.metrics import cider, vqa_accuracy
     if kind == "vqa":
-        per = [vqa_accuracy(predictions[q.id], list(q.answers), stem=task_name == "okvqa") for q in queries]
+        per = [vqa_accuracy(predictions[q.id], list(q.answers), stem=task_name == "okvqa", normalize_refs=normalize_refs)
+               for q in queries]
         return {"vqa_accuracy": 100.0 * sum(per) / len(per)}
     return {"cider": cider(predictions, {q.id: list(q.answers) for q in queries})}
 
@@ -76,7 +77,7 @@ def align(cfg: "Config") -> dict:
     trained = load_heads(ev.heads, lm)
     metrics = {"store": cfg.teacher.store, "heads": ev.heads}
     for name, heads in (("init", fresh), ("trained", trained)):
-        attach(lm, heads.to(device=lm.model.device, dtype=lm.model.dtype))
+        attach(lm, heads, replace=True)
         result = align_loss(lm, heads, items, lambda sid: samples[sid].load_image(), fields["capture"])
         metrics |= {f"l_align_{name}": result["l_align"], f"l_gt_{name}": result["l_gt"], "n": result["n"]}
     metrics["l_align_ratio"] = metrics["l_align_trained"] / metrics["l_align_init"]
@@ -90,17 +91,17 @@ def run(cfg: "Config") -> dict:
     if ev.mode == "align":
         return align(cfg)
     task = get_task(tc.name)
-    train = training_queries(task, tc.root, tc.train_split, tc.num_queries)
+    train = training_queries(task, tc.root, tc.train_split, tc.num_queries, seed=tc.seed)
     support = support_set(task, tc.root, tc.train_split, train, tc.support)
-    queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support)
+    queries = eval_queries(task, tc.root, tc.eval_split, ev.num_samples, support, seed=tc.seed)
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     by_id = {s.id: s for s in support}
     support_ids, support_answers = icd_pool(support, tc.answer)
+    same_picture_ids = same_picture(support, ev.exclude_same_image)
     if ev.mode == "mimic":
-        heads = load_heads(ev.heads, lm)
-        attach(lm, heads.to(device=device, dtype=lm.model.dtype))
+        attach(lm, load_heads(ev.heads, lm))
     shots = ev.shots if ev.mode == "icl" else 0
     os.makedirs(ev.out, exist_ok=True)
     # metrics.json of an earlier run would sit beside this run's config until this one finishes
@@ -116,7 +117,7 @@ def run(cfg: "Config") -> dict:
         prompts = []
         for q in batch:
             icd_ids = sample_icds(support_ids, q.id, shots, seed=ev.seed, view=0, sampler=ev.sampler,
-                                  answers=support_answers)
+                                  answers=support_answers, exclude=same_picture_ids(q))
             icds = [(by_id[i], reference_answer(by_id[i], tc.answer)) for i in icd_ids]
             prompts.append(build_prompt(task.kind, ev.mode, q, icds))
         enc = encode(lm, prompts, max_len=max_len)
@@ -125,7 +126,7 @@ def run(cfg: "Config") -> dict:
         predictions.update(zip((q.id for q in batch), texts))
 
     metrics = {"task": tc.name, "mode": ev.mode, "shots": shots, "n": len(queries),
-               **score(task.kind, tc.name, predictions, queries)}
+               **score(task.kind, tc.name, predictions, queries, normalize_refs=ev.vqa_normalize_refs)}
     tmp = os.path.join(ev.out, "predictions.jsonl.tmp")
     with open(tmp, "w") as f:
         for q in queries:

@@ -44,7 +44,8 @@ def _queries(cfg: "Config") -> tuple[int | None, str]:
         n = tc.num_queries or DEFAULT_N_TRAIN
         return n, f"the embedded toy ICL set ({DEFAULT_N_TRAIN} training samples; built on the first real run)"
     try:
-        return len(training_queries(get_task(tc.name), tc.root, query_split(tc), tc.num_queries)), tc.root
+        queries = training_queries(get_task(tc.name), tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
+        return len(queries), tc.root
     except (UserError, OSError) as e:
         if tc.num_queries:
             return tc.num_queries, f"task.num_queries (the data at {tc.root} is not readable here: {e})"

@@ -2,6 +2,8 @@
 
 On a terminal tqdm redraws the bar in place; written to a file, every redraw is kept, so a long run's
 log fills with thousands of bars. Off a terminal the bar is therefore drawn at most every 30 s.
+That holds for update() only: set_postfix() and set_description() redraw at once unless given
+refresh=False, so a loop that sets them every step passes it and lets update() draw.
 """
 from __future__ import annotations
 

@@ -114,14 +114,42 @@ def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: in
     return {"l_align": (sums[0] / n).item(), "l_gt": (sums[1] / n).item(), "n": n}
 
 
+# The teacher's settings that a store records and the student takes from it (shots, sampler, seed, span,
+# capture and exclude_same_image in its fingerprint, views in its manifest): they shape the targets, not
+# what the student builds. Every other fingerprint field (model, dtype, prompt, task, split, task_seed,
+# answer, support, ...) the student's own config determines, so the store must match it.
+TEACHER_ONLY = ("shots", "sampler", "seed", "span", "capture", "exclude_same_image", "views")
+
+
+def _mismatch(store: str, lines: list[str], shots: int, also: str = "") -> StoreMismatch:
+    return StoreMismatch(f"store {store} does not match this student's config:", lines,
+                         f"{also}make a matching store with `pipeline run teacher --shots {shots} --store NEW_PATH`"
+                         " (same config), or point --store at one")
+
+
+def follow_store(cfg: "Config", manifest, explicit: frozenset[str], store: str) -> "Config":
+    """cfg reading `store`, with the teacher-only settings the store was made with.
+
+    A teacher setting the user set (`explicit` names it, e.g. "teacher.shots") must agree with the
+    store: else StoreMismatch, one line per field. A setting the store does not record is left as is.
+    """
+    fields = manifest.fingerprint_fields
+    recorded = {"views": manifest.views, **{k: fields[k] for k in TEACHER_ONLY if k in fields}}
+    mine = {k: getattr(cfg.teacher, k) for k in recorded if f"teacher.{k}" in explicit}
+    views = mine.pop("views", manifest.views)
+    if lines := manifest.diff(dataclasses.replace(manifest, views=views, fingerprint_fields={**fields, **mine})):
+        unset = " ".join(f"teacher.{line.split(':')[0]}" for line in lines)
+        raise _mismatch(store, lines, cfg.teacher.shots, f"leave {unset} unset to take the store's, ")
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, store=store, **recorded))
+
+
 def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[str, ...], store: str, shots: int):
-    """Refuse a store made for another model, prompt, task, split or shot count: one line per field."""
+    """Refuse a store made for another model, prompt, task, split, ... : one line per field. The teacher-only
+    fields agree already where cfg came through follow_store (as from the `pipeline` command)."""
     wanted = dataclasses.replace(reader.manifest, fingerprint_fields=expected_fields, query_ids=query_ids)
     lines = reader.manifest.diff(wanted)
     if lines:
-        raise StoreMismatch(f"store {store} does not match this student's config:", lines,
-                            f"make a matching store with `pipeline run teacher --shots {shots} --store NEW_PATH`"
-                            " (same config), or point --store at one")
+        raise _mismatch(store, lines, shots)
 
 
 def _init_distributed(rank: int, world: int):
@@ -247,13 +275,30 @@ def _load_checkpoint(engine, ckpt_dpath: str, tag: str) -> dict:
     return client
 
 
+def _stop_if_not_finite(record: dict, heads, step: int, ckpt_dpath: str, bar) -> None:
+    """Stop before a NaN or inf reaches the log, a checkpoint or the heads, so the last checkpoint stays a good one.
+
+    The losses are already summed over ranks and every rank holds the whole heads, so all ranks stop together.
+    """
+    bad = [f"{name} {value}" for name, value in record.items() if not math.isfinite(value)]
+    if not bad and all(torch.isfinite(p).all() for p in heads.parameters()):
+        return
+    what = (f"the loss is not finite ({', '.join(bad)})" if bad else
+            f"the heads' weights are not finite after the update (loss {record['loss']:.4g})")
+    pointer = os.path.join(ckpt_dpath, COMPLETE)
+    kept = (f"the last good checkpoint ({open(pointer).read().strip()} in {ckpt_dpath}) is kept"
+            if os.path.isfile(pointer) else "no checkpoint was saved")
+    bar.close()  # ends the bar's line, so that the error starts a line of its own
+    raise UserError(f"student stopped at step {step}: {what}; {kept}; lower student.lr, or check the store's targets")
+
+
 def run(cfg: "Config") -> str:
     import deepspeed
     s, tc = cfg.student, cfg.task
     rank, world = rank_and_world()
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     by_id = {q.id: q for q in queries}
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer)
@@ -291,6 +336,10 @@ def run(cfg: "Config") -> str:
                             f"restore it, or use a new student.out")
         reader.load_state_dict(client["reader"])
         step = client["step"]
+        if rank == 0:
+            epoch, done = divmod(step, steps_per_epoch)
+            print(f"student: resuming from checkpoint after step {step} of {total} "
+                  f"(epoch {epoch} continues at item {done * s.global_batch})")
         if rank == 0 and os.path.isfile(log_fpath):  # steps logged after that checkpoint are redone
             # A line cut short by a kill has no newline; the rewrite goes through a temporary file.
             rows = [line for line in open(log_fpath) if line.endswith("\n") and json.loads(line)["step"] <= step]
@@ -329,11 +378,13 @@ def run(cfg: "Config") -> str:
             if world > 1:
                 torch.distributed.all_reduce(sums)
             record = dict(zip(("loss", "l_align", "l_gt"), (sums / (accumulation * world)).tolist()))
+            _stop_if_not_finite(record, heads, step, ckpt_dpath, bar)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0]}) + "\n")
                 log.flush()
+            # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
+            bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}", refresh=False)
             bar.update(1)
-            bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}")
             if step % s.save_every == 0 or step == total:
                 _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict(),
                                                             "training": training}, rank)

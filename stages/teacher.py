@@ -20,10 +20,10 @@ from stages.models import LoadedModel, load_model
 from stages.models.encode import encode, text_mask
 from stages.progress import progress
 from stages.tasks import get_task
-from stages.tasks.pools import icd_pool, query_split, support_set, training_queries
+from stages.tasks.pools import icd_pool, query_split, same_picture, support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
 from stages.tasks.sampler import sample_icds
-from storage.manifest import FORMAT_VERSION, Manifest, shard_owner
+from storage.manifest import FORMAT_VERSION, Manifest, creation_stamp, shard_owner
 from storage.writer import Item, open_for_write
 
 if TYPE_CHECKING:
@@ -49,8 +49,9 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path}>"
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
-            "task": task.name, "split": query_split(task), "answer": task.answer, "support": task.support,
-            "shots": t.shots, "sampler": t.sampler, "seed": t.seed, "span": t.span, "capture": t.capture}
+            "task": task.name, "split": query_split(task), "task_seed": task.seed, "answer": task.answer,
+            "support": task.support, "shots": t.shots, "sampler": t.sampler, "seed": t.seed, "span": t.span,
+            "capture": t.capture, **({"exclude_same_image": True} if t.exclude_same_image else {})}
 
 
 def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
@@ -162,16 +163,20 @@ def run(cfg: "Config") -> str:
     t, tc = cfg.teacher, cfg.task
     rank, world = rank_and_world(t.rank, t.world_size)
     task = get_task(tc.name)
-    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries)
+    queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     support = support_set(task, tc.root, tc.train_split, queries, tc.support)
     by_id = {s.id: s for s in support} | {q.id: q for q in queries}
     support_ids, support_answers = icd_pool(support, tc.answer)
-    # refuse an impossible k before loading
-    sample_icds(support_ids, queries[0].id, t.shots, seed=t.seed, view=0, sampler=t.sampler, answers=support_answers)
+    same_picture_ids = same_picture(support, t.exclude_same_image)
+    # refuse an impossible k before loading, on the query left the fewest demonstrations
+    worst = max(queries, key=lambda q: len(same_picture_ids(q)))
+    sample_icds(support_ids, worst.id, t.shots, seed=t.seed, view=0, sampler=t.sampler, answers=support_answers,
+                exclude=same_picture_ids(worst))
     lm, engine = _load_teacher(cfg)
     dims = lm.dims
     manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
-                        t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype)
+                        t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype,
+                        **creation_stamp())  # kept by the rank that creates the store; volatile
     writer = open_for_write(t.store, manifest)
     published = writer.published()
     mine = [s for s in range(manifest.n_shards) if shard_owner(s, world) == rank and s not in published]
@@ -197,7 +202,7 @@ def run(cfg: "Config") -> str:
             for b0 in range(0, len(jobs), t.batch_size):
                 batch = [(q, v) for q, v in jobs[b0: b0 + t.batch_size] if q.id not in skipped]
                 icd_ids = [sample_icds(support_ids, q.id, t.shots, seed=t.seed, view=v, sampler=t.sampler,
-                                       answers=support_answers) for q, v in batch]
+                                       answers=support_answers, exclude=same_picture_ids(q)) for q, v in batch]
                 prompts = _prompts(build, batch, icd_ids, t.on_bad_sample, skipped)
                 batch, icd_ids, prompts = _rows(prompts, batch, icd_ids, prompts)
                 targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped)

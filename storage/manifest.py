@@ -10,8 +10,11 @@ import functools
 import hashlib
 import json
 import math
+import socket
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
 
 from storage.errors import StoreError, StoreMismatch
 
@@ -20,6 +23,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 # Fields that change from run to run without changing the targets: excluded from the fingerprint,
 # from diff() and from "identical store" comparisons.
 VOLATILE = ("created_at", "created_by")
+PACKAGE = "mimic-pipeline"
 
 
 def canonical_json(obj) -> bytes:
@@ -40,7 +44,7 @@ class Manifest:
     shard_size: queries per shard (the last shard may hold fewer).
     n_layers, d_model: the L and d of every hidden [t, L, d] block.
     dtype: dtype of the hidden states ("float32", "float16" or "bfloat16").
-    created_at, created_by: volatile (ISO time, host name); informational only.
+    created_at, created_by: volatile (see creation_stamp); informational only.
     """
 
     format_version: int
@@ -141,6 +145,16 @@ class Manifest:
         if not 0 <= query_index < self.n_queries:
             raise IndexError(f"query index {query_index} out of range [0, {self.n_queries})")
         return query_index // self.shard_size
+
+
+def creation_stamp() -> dict[str, str]:
+    """created_at and created_by of a manifest made now: ISO 8601 UTC time, and "<package> <version> on <host>"."""
+    try:
+        version = metadata.version(PACKAGE)
+    except metadata.PackageNotFoundError:  # run from a source tree that pip never installed
+        version = "(version unknown)"
+    return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_by": f"{PACKAGE} {version} on {socket.gethostname()}"}
 
 
 def shard_owner(shard: int, world_size: int) -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny checkpoints of both families, written once per session through `make_model`."""
+"""Shared fixtures: tiny checkpoints of both families, written once per session through `make_model`, and
+for every test its own working directory and MIMIC_PIPELINE_HOME, whatever was run in the checkout."""
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -8,11 +9,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 from PIL import Image
 
 from stages.models.tiny import make_model
 
 FAMILIES = ["idefics", "idefics2", "idefics3"]
+
+# No time limit per example: on a loaded machine one can take past hypothesis's 200 ms default, a failure
+# that says nothing about the code.
+settings.register_profile("loaded-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("loaded-machine")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """The embedded default is built under a home of this session, never the user's ~/.cache/mimic-pipeline;
+    commands a test starts inherit it (a test that needs a home of its own sets one). Session and module
+    fixtures run in a directory of this session, tests in their own (private_cwd)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIMIC_PIPELINE_HOME", str(tmp_path_factory.mktemp("home")))
+        mp.chdir(tmp_path_factory.mktemp("cwd"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def private_cwd(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty directory of its own, so the default run_dir `runs/` is neither what the
+    user ran in the checkout (`pipeline run all`) nor another test's."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,10 @@ import json
 import os
 import re
 import shutil
+import struct
+import subprocess
 import sys
+import zlib
 
 import pytest
 import yaml
@@ -78,9 +81,14 @@ def data(data_root, tmp_path):
     return dst
 
 
-def _queries(root):
+def _queries(root, n=8):
+    """The question records of the n training queries, in the order the pipeline draws them (task.seed's shuffle)."""
+    from pipeline.config import TaskConfig
+    from stages.tasks import get_task
+    from stages.tasks.pools import training_queries
     with open(os.path.join(root, QUESTIONS)) as f:
-        return json.load(f)["questions"]
+        by_id = {str(q["question_id"]): q for q in json.load(f)["questions"]}
+    return [by_id[s.id] for s in training_queries(get_task("vqav2"), str(root), "train", n, seed=TaskConfig.seed)]
 
 
 def _image(root, i: int) -> str:
@@ -139,12 +147,26 @@ def _break_empty(fpath):
     open(fpath, "wb").close()
 
 
+def _break_huge(fpath):
+    """A valid 20000 x 20000 PNG (1 bit per pixel, all black): 48 KB on disk, past PIL's decompression-bomb limit."""
+    side = 20000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compress(bytes(side * (1 + side // 8)), 9)  # per row: filter byte 0, then side / 8 bytes of pixels
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # bit depth 1, grayscale, no interlace
+    with open(fpath, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("breaks, pattern, rerun", [
     (_break_missing, r"^error: image file not found: .*COCO_train2014_\d{12}\.jpg \(sample \d+\)$", True),
     (_break_truncated, r"^error: image is truncated or corrupt: .*COCO_train2014_\d{12}\.jpg \(sample \d+\)", False),
     (_break_corrupt, r"^error: image is truncated or corrupt: .*COCO_train2014_\d{12}\.jpg \(sample \d+\)", False),
     (_break_empty, r"^error: image file is empty \(0 bytes\): .*COCO_train2014_\d{12}\.jpg \(sample \d+\)", False),
-], ids=["missing", "truncated", "corrupt", "zero-size"])
+    (_break_huge, r"^error: image is too large to decode: .*COCO_train2014_\d{12}\.jpg \(sample \d+\): "
+                  r"Image size \(400000000 pixels\) exceeds limit", False),
+], ids=["missing", "truncated", "corrupt", "zero-size", "huge"])
 def test_bad_image_stops_the_teacher_and_keeps_what_was_published(pipeline, model_dirs, data, store, tmp_path,
                                                                    breaks, pattern, rerun):
     out = str(tmp_path / "out")
@@ -163,6 +185,19 @@ def test_bad_image_stops_the_teacher_and_keeps_what_was_published(pipeline, mode
     after = _markers(out)
     assert {n: after[n] for n in before} == before  # published shards kept as they were, not rewritten
     assert verify(out) == [] and info(out)["content_digest"] == info(store)["content_digest"]
+
+
+def test_huge_image_is_a_bad_sample_that_skip_skips(pipeline, model_dirs, data, tmp_path):
+    huge_id = str(_queries(data)[6]["question_id"])
+    _break_huge(_image(data, 6))
+    out = str(tmp_path / "out")
+    code, _, err = pipeline(*teacher_args(model_dirs["idefics2"], data, out, "--on-bad-sample", "skip"))
+    assert code == 0, err
+    assert verify(out) == []
+    skipped = info(out)["skipped"]
+    assert re.match(r"image is too large to decode: .*COCO_train2014_\d{12}\.jpg \(sample \d+\): Image size",
+                    skipped[huge_id]), skipped
+    assert all(f"(sample {huge_id})" in reason for reason in skipped.values()), skipped  # its prompts only
 
 
 # -- data files --------------------------------------------------------------------------------------------------
@@ -191,7 +226,9 @@ def test_bad_annotation_files_are_refused_before_any_work(pipeline, model_dirs, 
 
 
 def test_question_longer_than_the_context_is_refused(pipeline, model_dirs, data, tmp_path):
-    _edit(data / QUESTIONS, "questions", lambda qs: qs[0].update(question="why " * 5000 + "?"))
+    first = _queries(data)[0]["question_id"]  # the first training query: it is in the first shard
+    _edit(data / QUESTIONS, "questions",
+          lambda qs: next(q for q in qs if q["question_id"] == first).update(question="why " * 5000 + "?"))
     line = one_error(pipeline(*teacher_args(model_dirs["idefics2"], data, tmp_path / "out")),
                      r"query \d+ is too long: .* past the model's context of 4096; shorten its question")
     assert "--shots 0" not in line  # no advice that cannot work: the query alone is too long
@@ -211,6 +248,16 @@ def test_unknown_model_family(pipeline, model_dirs, data, tmp_path):
     json.dump({**config, "model_type": "llama"}, open(model / "config.json", "w"))
     one_error(pipeline(*teacher_args(model, data, tmp_path / "out")),
               r"llama/config\.json: unknown model family 'llama'; supported: idefics, idefics2, idefics3$")
+
+
+def test_truncated_model_config(pipeline, model_dirs, data, tmp_path):
+    model = tmp_path / "cut"
+    shutil.copytree(model_dirs["idefics2"], model)
+    text = (model / "config.json").read_text()
+    (model / "config.json").write_text(text[: len(text) // 2])
+    one_error(pipeline(*teacher_args(model, data, tmp_path / "out")),
+              r"^error: .*cut/config\.json is not valid JSON \(.*line \d+ column \d+.*\); is the model directory "
+              r"complete\?")
 
 
 def test_model_directory_without_processor_files(pipeline, model_dirs, data, tmp_path):
@@ -241,6 +288,14 @@ def test_config_wrong_type_in_file_and_override(pipeline, tmp_path):
               r"config teacher\.on_bad_sample: 'ignore' is not one of fail, skip$")
 
 
+def test_config_non_finite_number_in_override_and_file(pipeline, tmp_path):
+    one_error(pipeline("run", "student", "--set", "student.lr=nan"),
+              r"^error: config student\.lr: expected a finite number, got nan$")
+    (tmp_path / "exp.toml").write_text("[student]\nw_ce = -inf\n")
+    one_error(pipeline("run", "student", "--config", tmp_path / "exp.toml"),
+              r"^error: config student\.w_ce: expected a finite number, got -inf$")
+
+
 def test_config_file_missing_or_not_parsing(pipeline, tmp_path):
     one_error(pipeline("run", "teacher", "--config", tmp_path / "nope.yaml"), r"config file not found: .*nope\.yaml$")
     (tmp_path / "bad.yaml").write_text("teacher: {shots: [\n")
@@ -264,11 +319,31 @@ def test_store_path_not_writable(pipeline, model_dirs, data, tmp_path):
               r"cannot create store directory .*a-file/store: Not a directory$")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_store_in_a_read_only_directory(pipeline, model_dirs, data, tmp_path):
-    (tmp_path / "ro").mkdir(mode=0o500)
-    one_error(pipeline(*teacher_args(model_dirs["idefics2"], data, tmp_path / "ro" / "store")),
-              r"cannot create store directory .*ro/store: Permission denied$")
+def _without_root_rights() -> list[str]:
+    """The prefix that runs a command subject to permission bits: none for a user other than root; for root,
+    setpriv dropping the capabilities that override them (uid 0 stays, so everything root can read
+    stays readable, e.g. an interpreter under /root, which an unprivileged uid could not even start)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = [shutil.which("setpriv") or "setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    except OSError as e:
+        pytest.skip(f"as root, the case needs setpriv (util-linux) to drop the override of permission bits: {e}")
+    if probe.returncode != 0:
+        pytest.skip(f"as root, the case needs CAP_SETPCAP to drop the override of permission bits: {probe.stderr}")
+    return prefix
+
+
+def test_store_in_a_read_only_directory(model_dirs, data, tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    args = teacher_args(model_dirs["idefics2"], data, tmp_path / "ro" / "store")
+    env = {**os.environ, "MIMIC_PIPELINE_HOME": str(tmp_path / "home"), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*_without_root_rights(), sys.executable, "-m", "pipeline.cli", *map(str, args)],
+                            env=env, capture_output=True, text=True, cwd=tmp_path)
+    one_error((result.returncode, result.stdout, result.stderr),
+              r"^error: cannot create store directory .*/ro/store: Permission denied$")
+    assert os.listdir(tmp_path / "ro") == []
 
 
 def test_disk_full_during_a_shard_write(pipeline, model_dirs, data_root, store, tmp_path, monkeypatch):
@@ -375,7 +450,8 @@ def test_on_bad_sample_skip_records_the_reasons_and_the_student_leaves_them_out(
     queries = _queries(data)
     missing_id, long_id = str(queries[6]["question_id"]), str(queries[3]["question_id"])
     os.remove(_image(data, 6))
-    _edit(data / QUESTIONS, "questions", lambda qs: qs[3].update(question="why " * 5000 + "?"))
+    _edit(data / QUESTIONS, "questions",
+          lambda qs: next(q for q in qs if str(q["question_id"]) == long_id).update(question="why " * 5000 + "?"))
     out = str(tmp_path / "out")
     support = ("--set", "task.support=train")  # demonstrations from the whole split: few prompts use the bad ones
     assert pipeline(*teacher_args(model_dirs["idefics2"], data, out, *support))[0] != 0  # default: fail
@@ -426,3 +502,84 @@ def test_config_float_in_exponent_form():
     assert load_config(None, ["student.weight_decay=5E-4"]).student.weight_decay == 5e-4
     with pytest.raises(UserError, match=r"config student\.lr: expected float, got str 'fast'$"):
         load_config(None, ["student.lr=fast"])
+
+
+def test_config_refuses_non_finite_numbers_in_every_float_field():
+    import dataclasses
+    import typing
+
+    from pipeline.config import Config, load_config
+    from stages.errors import UserError
+    sections = {name: cls for name, cls in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(cls)}
+    keys = [f"{name}.{key}" for name, cls in sections.items() for key, typ in typing.get_type_hints(cls).items()
+            if typ is float]
+    assert {"student.lr", "student.w_align", "student.clip"} <= set(keys), keys
+    for key in keys:
+        for raw, shown in (("nan", "nan"), (".inf", "inf"), ("-inf", "-inf"), ("1e999", "inf"), ("1" + "0" * 400, "inf")):
+            with pytest.raises(UserError, match=rf"^config {re.escape(key)}: expected a finite number, got {shown}$"):
+                load_config(None, [f"{key}={raw}"])
+
+
+# -- the student's loss ------------------------------------------------------------------------------------------------
+def _tensors(obj):
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    return [obj] if hasattr(obj, "isfinite") else []
+
+
+def _lr_1e30(store: str) -> list[str]:
+    """A finite lr so large that AdamW's weight decay overflows the heads on the second step."""
+    return ["--set", "student.lr=1e30"]
+
+
+def _inf_target(store: str) -> list[str]:
+    """The stored targets of the item the student reads last (in step 4 of 4) set to inf, as a teacher that
+    overflowed would leave them (the reader does not check checksums, so only the loss can notice)."""
+    import numpy as np
+    import zarr
+
+    from storage.reader import TargetReader
+    shard, j = TargetReader(store, seed=0).order(0)[-1]  # the student's data order: student.seed 0, one view
+    with open(os.path.join(store, layout.PUBLISHED, f"{shard:06d}.json")) as f:
+        group = zarr.open_group(os.path.join(store, json.load(f)["data"]), mode="r+")
+    offsets = group["offsets"][...]
+    group["hidden"][offsets[j]:offsets[j + 1]] = np.inf  # span "all": one stored row per token
+    return []
+
+
+@pytest.mark.parametrize("breaks, what, at_step", [
+    (_lr_1e30, r"the heads' weights are not finite after the update \(loss [\d.]+\)", None),
+    (_inf_target, r"the loss is not finite \(loss inf, l_align inf\)", 4),
+], ids=["lr-1e30", "inf-target"])
+def test_student_whose_loss_blows_up_stops_and_keeps_its_last_good_checkpoint(model_dirs, data_root, store_copy,
+                                                                              tmp_path, breaks, what, at_step):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    out = tmp_path / "student"
+    env = {**os.environ, "MIMIC_PIPELINE_HOME": str(tmp_path / "home"), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pipeline.cli", *map(str, student_args(
+        model_dirs["idefics2"], data_root, store_copy, out, *breaks(store_copy), "--set", "student.epochs=1",
+        "--set", "student.global_batch=2", "--set", "student.micro_batch=2", "--set", "student.save_every=1"))]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path)
+    line = one_error((result.returncode, result.stdout, result.stderr),
+                     rf"^error: student stopped at step (\d+): {what}; the last good checkpoint \(step\d+ in "
+                     r".*checkpoints\) is kept; lower student\.lr, or check the store's targets$")
+    step = int(re.search(r"step (\d+)", line).group(1))
+    assert step == at_step if at_step else step >= 2, line
+    assert f"(step{step - 1} in " in line
+    rows = [json.loads(r) for r in open(out / "losses.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, step)), rows  # the bad step is not logged
+    assert all(float("-inf") < r[k] < float("inf") for r in rows for k in ("loss", "l_align", "l_gt")), rows
+    ckpt = out / "checkpoints"
+    assert (ckpt / "last_complete").read_text() == f"step{step - 1}"
+    assert not (ckpt / f"step{step}").exists() and not (out / "heads").exists()
+    files = sorted((ckpt / f"step{step - 1}").glob("*.pt"))
+    assert files, os.listdir(ckpt / f"step{step - 1}")
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        tensors = [t for f in files for t in _tensors(torch.load(f, weights_only=True))]  # as the student loads them
+    assert tensors and all(t.isfinite().all() for t in tensors if t.is_floating_point())

@@ -31,10 +31,8 @@ def setup(tmp_path_factory, model_dirs, data_root):
     return tmp, common + ["--shots", "4"]
 
 
-def _student(tmp, common, out, *extra, wait=True):
+def _student(tmp, common, out, *extra):
     cmd = PIPELINE + ["run", "student", *common, "--set", f"student.out={out}", *extra]
-    if not wait:
-        return subprocess.Popen(cmd, env=_env(tmp), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -56,20 +54,62 @@ def test_student_trains_heads_and_logs_losses(setup):
     assert (config["n_layers"], config["n_heads"], config["head_dim"]) == (4, 4, 16)
 
 
-def test_killed_student_resumes_to_identical_heads(setup):
+def test_unmasked_log_z2_trains_other_heads_and_says_so(setup):
+    """student.log_z2=unmasked reaches the heads the student trains: heads.json records it, and since log Z2
+    then counts future and padding keys, the trained weights differ from the masked default's."""
     tmp, common = setup
-    full = tmp / "full"
-    _student(tmp, common, full, "--set", "student.save_every=8")
-    killed = tmp / "killed"
-    proc = _student(tmp, common, killed, "--set", "student.save_every=8", wait=False)
+    masked, unmasked = tmp / "lz2-masked", tmp / "lz2-unmasked"
+    _student(tmp, common, masked, "--epochs", "1")
+    _student(tmp, common, unmasked, "--epochs", "1", "--set", "student.log_z2=unmasked")
+    assert json.load(open(masked / "heads" / "heads.json"))["masked_log_z2"] is True
+    assert json.load(open(unmasked / "heads" / "heads.json"))["masked_log_z2"] is False
+    a, b = _heads(masked), _heads(unmasked)
+    assert any((a[name] - b[name]).abs().max() > 1e-6 for name in a)
+
+
+def test_killed_student_resumes_to_identical_heads(setup):
+    """Killed after a checkpoint that falls mid-epoch, the student resumes from it: the same step, data position,
+    optimizer state and schedule, so its log and heads equal those of a run never interrupted.
+
+    16 items, global batch 4: 4 steps an epoch, 40 in all. With save_every=11 every checkpoint before the last
+    (steps 11, 22, 33) falls mid-epoch, so a resume that restarts the epoch's data from item 0, or retrains from
+    step 1, changes the losses. The optimizer state has no direct check: Adam's update is m/sqrt(v) of its
+    moments, and a fresh optimizer's first update (about lr x sign of the gradient) differs from one with the
+    moments of the steps before; the loss of the second step after the checkpoint is taken after that update,
+    so it equals the uninterrupted run's only if the moments were restored.
+    """
+    tmp, common = setup
+    save = ["--set", "student.save_every=11"]
+    full, killed = tmp / "full", tmp / "killed"
+    _student(tmp, common, full, *save)
+    log = tmp / "killed.log"
+    with open(log, "w") as f:  # a file, not a pipe nobody reads, which would block the student once full
+        proc = subprocess.Popen(PIPELINE + ["run", "student", *common, "--set", f"student.out={killed}", *save],
+                                env=_env(tmp), stdout=f, stderr=subprocess.STDOUT)
     latest = killed / "checkpoints" / "last_complete"
-    deadline = time.time() + 120
-    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+    limit_s = 1800  # loading the model and 11 steps take well under a minute; this is for a busy machine
+    deadline = time.monotonic() + limit_s
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the student finished before it could be killed"
+    proc.kill()
+    code = proc.wait()
+    assert latest.exists(), (f"the student wrote no checkpoint ({latest}) within {limit_s} s of its start "
+                             f"(exit code {code}); its output ends:\n{log.read_text()[-3000:]}")
+    assert code == -signal.SIGKILL, "the student finished before it could be killed"
     assert not (killed / "heads").exists()
-    _student(tmp, common, killed, "--set", "student.save_every=8")
+    tag = latest.read_text().strip()
+    step = int(tag.removeprefix("step"))
+    epoch, done = divmod(step, 4)
+    assert tag == f"step{step}" and done != 0 and step < 40, f"{tag} is not mid-epoch"
+
+    resumed = _student(tmp, common, killed, *save)
+    rows = [json.loads(line) for line in open(killed / "losses.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 41)), "steps logged more than once, or missing"
+    assert (f"resuming from checkpoint after step {step} of 40 (epoch {epoch} continues at item {4 * done})"
+            in resumed.stdout), resumed.stdout
+    expected = [json.loads(line) for line in open(full / "losses.jsonl")]
+    for got, want in zip(rows, expected):  # loss, its parts, lr and epoch, bit for bit
+        assert got == want, f"resumed after step {step}: step {want['step']} differs"
     a, b = _heads(full), _heads(killed)
     for name in a:
         assert (a[name] == b[name]).all(), name
@@ -79,7 +119,7 @@ def test_two_ranks_train_the_same_heads_as_one(setup):
     tmp, common = setup
     one, two = tmp / "one", tmp / "two"
     _student(tmp, common, one)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline.cli", "run", "student", *common, "--set", f"student.out={two}"]
     result = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,8 +148,8 @@ def test_student_trains_from_a_text_only_store(setup):
     _student(tmp, common, tmp / "text", "--set", "teacher.span=text", "--store", str(store))
     rows = [json.loads(line) for line in open(tmp / "text" / "losses.jsonl")]
     assert len(rows) == 40 and all(r["l_align"] > 0 for r in rows)
-    # Against the full-span store with the same config but span=all, it is refused by name.
-    refused = subprocess.run(PIPELINE + ["run", "student", *common, "--store", str(store),
+    # With span=all set explicitly, the text-only store is refused by name (unset, the store's span is taken).
+    refused = subprocess.run(PIPELINE + ["run", "student", *common, "--store", str(store), "--set", "teacher.span=all",
                                          "--set", f"student.out={tmp}/refused-span"], env=_env(tmp),
                              capture_output=True, text=True)
     assert refused.returncode != 0 and "span: store has 'text', config has 'all'" in refused.stderr, refused.stderr
@@ -189,8 +229,16 @@ def test_l_gt_targets_are_the_span_tokens_only(setup, model_dirs):
     items = [by_length[0], by_length[-1]]
     assert len(items[0].token_ids) < len(items[1].token_ids)  # the first row is padded
     images = [[random_image(i)] for i in range(2)]
-    inputs, _, span_mask, ce_mask = make_batch(lm, items, images)
-    assert torch.equal(ce_mask.float(), span_mask)
+    inputs, _, _, ce_mask = make_batch(lm, items, images)
+    short, long = (len(it.token_ids) for it in items)
+    t = 1 + long  # [BOS] + the longest span; the shorter row is left-padded to it
+    assert inputs["input_ids"].shape[1] == t
+    # L_gt's targets are positions t-n..t-1 (the span); a row's BOS and its pads before it are not.
+    assert ce_mask[1].tolist() == [0] + [1] * long
+    pads = t - 1 - short
+    assert inputs["attention_mask"][0].tolist() == [0] * pads + [1] * (1 + short)  # the padded row
+    assert inputs["input_ids"][0, pads] == lm.tokenizer.bos_token_id
+    assert ce_mask[0].tolist() == [0] * pads + [0] + [1] * short
 
 
 def test_resume_with_another_training_config_is_refused(setup):

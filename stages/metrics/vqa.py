@@ -4,11 +4,12 @@ The rules follow the official script (GT-Vision-Lab/VQA, PythonEvaluationTools/v
 `processPunctuation`, `processDigitArticle` and the leave-one-out loop in `evaluate`); the tables below
 are written out here, and the quirks of that script that change a score are kept on purpose and marked.
 
-One deliberate difference: the official script normalises only the prediction in full, and the
-reference answers only for punctuation (and only when annotators disagree), because the released
-VQAv2 annotations are already in normal form. We normalise both sides in full, so raw answer lists
-(OK-VQA raw answers, synthetic data) are scored by the same rules; on answers already in normal form
-this changes nothing.
+As in the official script, the prediction is normalised in full, but the reference answers only for
+punctuation, and only when the annotators disagree: ten identical answers are compared as they are
+written. The released VQAv2 annotations are already in normal form, so this rarely matters there; on
+answers that are not ("the" ten times, "1,000" ten times) a prediction can score 0 whatever it says.
+normalize_refs=True (eval.vqa_normalize_refs) normalises the reference answers in full too, for raw
+answer lists (OK-VQA raw answers, data of your own); it is not the official score.
 """
 from __future__ import annotations
 
@@ -126,17 +127,27 @@ def _stem_okvqa(text: str) -> str:
     return " ".join(words)
 
 
-def vqa_accuracy(prediction: str, answers: list[str], *, stem: bool = False) -> float:
+def _official_refs(answers: list[str]) -> list[str]:
+    """The official script's reference answers: punctuation stripped when the annotators disagree (raw
+    answers, no lowercasing, number words, articles or contractions), else as they are."""
+    if len(set(answers)) > 1:
+        return [_strip_punctuation(a) for a in answers]
+    return list(answers)
+
+
+def vqa_accuracy(prediction: str, answers: list[str], *, stem: bool = False, normalize_refs: bool = False) -> float:
     """Official VQA accuracy of one prediction against its annotators' answers, in [0, 1].
 
     Each of the n answers (10 in VQAv2 and OK-VQA) is left out in turn; the prediction scores
     min(1, matches among the other n-1 / 3) against the rest, and the n scores are averaged. With
     10 answers, 1, 2, 3 and 4+ matching annotators give 0.3, 0.6, 0.9 and 1.0.
+    normalize_refs=True normalises the answers in full, as the prediction (the official script
+    strips only their punctuation, see the module docstring).
     stem=True adds the OK-VQA singular/lemma step (see `_stem_okvqa` for how it differs from the
     usual one) after normalisation, to the prediction and the answers alike: the reference stems only
     the prediction, since v1.1 `answers` are already stemmed. Stemming those again mostly leaves them
     as they are ("children", kept by v1.1, becomes "child", but so does a predicted "children"), and
-    raw answers get the same treatment as the prediction.
+    raw answers, with normalize_refs, get the same treatment as the prediction.
     """
     if not answers:
         raise UserError(
@@ -144,7 +155,7 @@ def vqa_accuracy(prediction: str, answers: list[str], *, stem: bool = False) -> 
             "every question needs its annotators' answers"
         )
     pred = normalize_answer(prediction)
-    refs = [normalize_answer(a) for a in answers]
+    refs = [normalize_answer(a) for a in answers] if normalize_refs else _official_refs(answers)
     if stem:
         pred, refs = _stem_okvqa(pred), [_stem_okvqa(r) for r in refs]
     n_matching = sum(r == pred for r in refs)

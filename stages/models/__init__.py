@@ -65,7 +65,13 @@ def family_of(path: str) -> str:
     config_fpath = os.path.join(path, "config.json")
     if not os.path.isfile(config_fpath):
         raise UserError(f"model directory {path} has no config.json (is it a transformers checkpoint?)")
-    model_type = json.load(open(config_fpath)).get("model_type")
+    try:
+        with open(config_fpath) as f:
+            config = json.load(f)
+    except ValueError as e:  # a copy cut short, or not text at all
+        raise UserError(f"{config_fpath} is not valid JSON ({e}); is the model directory complete? "
+                        "copy config.json again from the checkpoint") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in FAMILIES:
         raise UserError(f"{config_fpath}: unknown model family '{model_type}'; supported: {', '.join(sorted(FAMILIES))}")
     return model_type

@@ -99,9 +99,19 @@ AttentionInterface.register(ATTENTION_NAME, mimic_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def attach(lm, heads) -> None:
-    """Put `heads` (MimicHeads, or any object with layer_terms) on every decoder self-attention of a loaded model."""
+def attach(lm, heads, replace: bool = False) -> None:
+    """Put `heads` (MimicHeads, or any object with layer_terms) on every decoder self-attention of a loaded model.
+
+    MimicHeads are cast in place to the model's dtype and device, so the caller's module (and an optimizer
+    made from it afterwards) is the one attached. Heads attached earlier are replaced only with replace=True:
+    a second attach by mistake would otherwise silently drop the first heads.
+    """
     layers = lm.adapter.decoder_layers(lm.model)
+    if not replace and any(layer.self_attn in _ATTACHED for layer in layers):
+        raise RuntimeError("MimIC heads are already attached to this model; detach(lm) first, or attach(lm, heads, "
+                           "replace=True) to swap them")
+    if isinstance(heads, nn.Module):
+        heads.to(device=lm.model.device, dtype=lm.model.dtype)
     for i, layer in enumerate(layers):
         _ATTACHED[layer.self_attn] = (heads, i)
     lm.adapter.use_attention(lm.model, ATTENTION_NAME)

@@ -1,6 +1,9 @@
 """Which samples are training queries, which form the support set, which are evaluated (METHOD.md §3)."""
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+
 from stages.errors import UserError
 from stages.tasks import TaskSpec
 from stages.tasks.prompts import reference_answer
@@ -17,11 +20,23 @@ def icd_pool(support: list[Sample], answer_policy: str) -> tuple[list[str], list
     return [s.id for s in support], [reference_answer(s, answer_policy) for s in support]
 
 
-def training_queries(task: TaskSpec, root: str, split: str, num_queries: int) -> list[Sample]:
-    """The first N samples of the training split (all when N = 0)."""
+def shuffled(samples: list[Sample], seed: int) -> list[Sample]:
+    """The samples in task.seed's order: the same in every process, on every machine.
+
+    Official VQAv2 files list a picture's questions together, so the first N in file order would
+    cover about N/5 pictures; the authors shuffle with a fixed seed (3407) before taking N.
+    """
+    order = list(samples)
+    random.Random(seed).shuffle(order)  # seeded by an int, never by hash(): no PYTHONHASHSEED dependence
+    return order
+
+
+def training_queries(task: TaskSpec, root: str, split: str, num_queries: int, *, seed: int) -> list[Sample]:
+    """The first N samples of the split shuffled by `seed` (all of them, shuffled, when N = 0)."""
     samples = task.load(root, split)
     if num_queries > len(samples):
         raise UserError(f"task.num_queries = {num_queries} but the {split} split of {root} has {len(samples)} samples")
+    samples = shuffled(samples, seed)
     return samples[:num_queries] if num_queries else samples
 
 
@@ -30,8 +45,25 @@ def support_set(task: TaskSpec, root: str, split: str, queries: list[Sample], su
     return queries if support == "queries" else task.load(root, split)
 
 
-def eval_queries(task: TaskSpec, root: str, split: str, num_samples: int, support: list[Sample]) -> list[Sample]:
-    samples = task.load(root, split)
+def same_picture(support: list[Sample], exclude: bool) -> Callable[[Sample], frozenset[str]]:
+    """query -> the ids of the support samples that show the query's picture (teacher/eval.exclude_same_image);
+    with exclude False, no id at all (only the query itself is left out, as the authors).
+
+    A picture is a sample's image reference: its file path, or the encoded bytes of HF data.
+    """
+    if not exclude:
+        return lambda query: frozenset()
+    by_image: dict[str | bytes, set[str]] = {}
+    for s in support:
+        by_image.setdefault(s.image, set()).add(s.id)
+    frozen = {image: frozenset(ids) for image, ids in by_image.items()}
+    return lambda query: frozen.get(query.image, frozenset())
+
+
+def eval_queries(task: TaskSpec, root: str, split: str, num_samples: int, support: list[Sample], *,
+                 seed: int) -> list[Sample]:
+    """The first num_samples of the split shuffled by `seed` (all, shuffled, when 0); none may be in the support set."""
+    samples = shuffled(task.load(root, split), seed)
     samples = samples[:num_samples] if num_samples else samples
     overlap = {s.id for s in samples} & {s.id for s in support}
     if overlap:

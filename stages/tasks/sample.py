@@ -26,7 +26,7 @@ class Sample:
     answers: tuple[str, ...]
 
     def load_image(self) -> Image.Image:
-        """Decode the image as RGB; a missing, empty or corrupt file is a UserError naming it."""
+        """Decode the image as RGB; a missing, empty, corrupt or huge file is a UserError naming it."""
         where = self.image if isinstance(self.image, str) else f"<bytes of sample {self.id}>"
         if isinstance(self.image, str) and os.path.isfile(self.image) and os.path.getsize(self.image) == 0:
             raise UserError(f"image file is empty (0 bytes): {where} (sample {self.id})")
@@ -35,6 +35,8 @@ class Sample:
             with Image.open(src) as im:
                 im.load()
                 return im.convert("RGB")
+        except Image.DecompressionBombError as e:  # PIL's guard against a small file that decodes to gigabytes
+            raise UserError(f"image is too large to decode: {where} (sample {self.id}): {e}") from None
         except FileNotFoundError:
             raise UserError(f"image file not found: {where} (sample {self.id})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

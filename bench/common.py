@@ -137,14 +137,14 @@ def teacher_batches(cfg, lm, manifest=None) -> list[TeacherBatch]:
 def teacher_manifest(cfg, lm):
     from stages.tasks import get_task
     from stages.tasks.pools import query_split, training_queries
-    from stages.teacher import fingerprint_fields
+    from stages.teacher import fingerprint_fields, store_dtype
     from storage.manifest import FORMAT_VERSION, Manifest
     t, tc = cfg.teacher, cfg.task
     task = get_task(tc.name)
     queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     dims = lm.dims
     return Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
-                    t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype)
+                    t.views, t.shard_size, dims.n_layers, dims.d_model, store_dtype(cfg))
 
 
 def prompt_tokens(batches: list[TeacherBatch]) -> int:

@@ -15,8 +15,8 @@ import torch
 from bench.common import HIDDEN, LAYERS, emit, set_threads, work_dpath
 from bench.p4_store import _evict, _items
 
-WATCH = {"write": ("posix.fsync", "checksum", "write_arrays", "tobytes", "openssl_sha256", "_shard_arrays", "create"),
-         "read": ("read_arrays", "clone", "check_arrays", "acquire", "_as_torch")}
+WATCH = {"write": ("posix.fsync", "checksum", "write_arrays", "zlib.crc32", "_shard_arrays", "create", "concatenate"),
+         "read": ("read_meta", "acquire", "check_arrays", "item", "_as_torch", "_load_ahead")}
 
 
 def _top(pr: cProfile.Profile, names: tuple[str, ...]) -> dict:
@@ -59,17 +59,17 @@ def main():
         pass
     pr.disable()
     read_consumer = _top(pr, WATCH["read"])
-    # The reader's work happens in its prefetch thread; profile the same calls directly.
-    from storage.reader import _load_items
+    # The reader's work happens in its prefetch thread; profile that thread's function in this one.
+    import queue
+    import threading
     _evict(store)
     pr = cProfile.Profile()
     pr.enable()
-    for s, marker in reader._markers.items():
-        _load_items(reader.root, reader.manifest, marker, [(j, 0) for j in range(64)])
+    order = reader.order(0)
+    reader._load_ahead([order[p] for p in reader.positions()], 0, queue.Queue(), threading.Event())
     pr.disable()
     emit("profile_store", {"write": write, "files": n_files, "dirs": n_dirs, "read_consumer": read_consumer,
-                           "read_load_items": _top(pr, ("read_arrays", "clone", "check_arrays", "acquire", "_as_torch",
-                                                        "_load_items"))})
+                           "read_load_items": _top(pr, WATCH["read"])})
 
 
 if __name__ == "__main__":

@@ -139,6 +139,8 @@ def rows(res: dict) -> list[tuple]:
     if "p4" in r:
         for row in r["p4"]["rows"]:
             d = row["dtype"]
+            if row.get("layers", LAYERS) != LAYERS:  # the real-width row: shards as real runs write them
+                d = f"{d} at real width ({row['layers']} × {row['d_model']}, {row['shard_mb']:.0f} MB shards)"
             out.append((f"P4 {d} write: store / plain file", f"{row['write_store_mb_s']:.0f} MB/s",
                         f"{row['write_raw_mb_s']:.0f} MB/s", f"{row['write_fraction_of_raw']:.2f}", "≥ 0.7",
                         row["write_fraction_of_raw"] >= 0.7))
@@ -149,6 +151,21 @@ def rows(res: dict) -> list[tuple]:
             out.append((f"P4 {d} bytes on disk per stored value", f"{row['bytes_per_value']:.4f}",
                         f"{row['bytes_on_disk'] / 1e6:.1f} MB / {row['values'] / 1e6:.1f} M values", "—",
                         "≤ 2.0" if half else "—", row["bytes_per_value"] <= 2.0 if half else None))
+        ranks = r["p4"].get("ranks")
+        for row in ranks["rows"] if ranks else ():
+            w = row["world"]
+            out.append((f"P4 bytes read from disk per rank per epoch, {w} rank{'s' * (w > 1)} (largest rank) / "
+                        f"(store bytes / {w})", f"{row['worst_rank_bytes'] / 1e6:.2f} MB",
+                        f"{ranks['store_bytes'] / 1e6 / w:.2f} MB", f"{row['fraction_of_share']:.3f}", "≤ 1.05",
+                        row["fraction_of_share"] <= 1.05))
+        codecs = {c["codec"]: c for c in r["p4"].get("compression", [])}
+        for name, c in codecs.items():
+            if name != "none":
+                out.append((f"P4 bfloat16 compressed with {name} (zarr codec, 1 thread) / uncompressed: size, "
+                            f"write, cold read", f"write {c['write_mb_s']:.0f} MB/s, read {c['read_mb_s']:.0f} MB/s",
+                            f"write {codecs['none']['write_mb_s']:.0f} MB/s, read {codecs['none']['read_mb_s']:.0f} MB/s",
+                            f"{1 / c['ratio']:.2f} of the bytes; write {c['write_mb_s'] / codecs['none']['write_mb_s']:.2f}, "
+                            f"read {c['read_mb_s'] / codecs['none']['read_mb_s']:.2f}", "—", None))
     if "p5" in r:
         p = r["p5"]
         out.append(("P5 machine ceiling: 2 matmul procs / 1 (throughput)", f"{_pm(p['matmul_2proc_s'])} s",
@@ -223,6 +240,14 @@ def render(res: dict) -> str:
             be = row["break_even_epochs"]
             lines.append(f"- P3 k = {row['shots']}: teacher once {row['teacher_once_s']:.1f} s; the split is cheaper in total "
                          f"after {be:.1f} epochs" if be else f"- P3 k = {row['shots']}: online not slower")
+    if "p4" in r and r["p4"].get("ranks"):
+        p = r["p4"]["ranks"]
+        lines.append(f"- P4 bytes per rank: a bfloat16 store of {p['items']} items, {p['store_bytes'] / 1e6:.2f} MB on disk, global "
+                     f"batch {p['batch']}; read_bytes of /proc/self/io around one epoch of each rank's TargetReader, the store "
+                     "evicted from the page cache (posix_fadvise DONTNEED) before each rank; read / the `hidden` bytes of the "
+                     "rank's own items: " + "; ".join(
+                         f"{row['world']} rank{'s' * (row['world'] > 1)}: " + ", ".join(
+                             f"rank {k} {v:.3f}" for k, v in row["read_over_own"].items()) for row in p["rows"]) + ".")
     if "p5" in r:
         p = r["p5"]
         lines.append(f"- P5: {p['queries']} queries, k = {p['shots']}; start-up alone (same command on the finished store) "
@@ -234,11 +259,13 @@ def render(res: dict) -> str:
         when = r["profile_store"].get("date", res["date"])
         lines += ["", "Store profile (`bench.profile_store`, cProfile, 2 float16 shards of 64 items, "
                   f"{r['profile_store']['files']} files and {r['profile_store']['dirs']} directories per store; run of {when}):", "",
-                  f"- write_shard × 2: {w['total_s']:.3f} s = fsync {g(w, 'posix.fsync'):.3f} s ({w.get('posix.fsync', {}).get('calls', 0)} calls) "
-                  f"+ checksums {g(w, 'checksum'):.3f} s (of which `tobytes` copies {g(w, 'tobytes'):.3f} s, sha256 "
-                  f"{g(w, 'openssl_sha256'):.3f} s) + zarr write {g(w, 'write_arrays'):.3f} s + packing {g(w, '_shard_arrays'):.3f} s",
-                  f"- reading both shards (`_load_items`, cold): {rd['total_s']:.3f} s = zarr `read_arrays` {g(rd, 'read_arrays'):.3f} s "
-                  f"(mostly waiting on zarr's event-loop thread) + per-item clones {g(rd, 'clone'):.3f} s"]
+                  f"- write_shard × 2 (with open_for_write): {w['total_s']:.3f} s; of it, on the calling thread: writing the "
+                  f"files {g(w, 'write_arrays'):.3f} s, CRC-32s {g(w, 'checksum'):.3f} s (taken while the fsyncs run on "
+                  f"other threads), packing {g(w, '_shard_arrays'):.3f} s, manifest and markers (`create`, with their own "
+                  f"fsyncs) {g(w, 'create'):.3f} s",
+                  f"- reading every item of both shards (the prefetch thread's `_load_ahead`, cold): {rd['total_s']:.3f} s; "
+                  f"of it waiting for the item reads (one byte range each, 8 in flight on other threads) "
+                  f"{g(rd, 'acquire'):.3f} s, the small arrays (`read_meta`) {g(rd, 'read_meta'):.3f} s"]
     lines += ["", "## Missed targets: profile and limiting cause", "", MISSES_NOTE, ""]
     return "\n".join(lines)
 

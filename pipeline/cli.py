@@ -87,11 +87,13 @@ def run_teacher(config_fpath, overrides, shots, views, num_queries, store, captu
 @click.option("--shots", type=int, help="without --store: train from store-<task>-<k>shot; with it: the k it must have "
               "been made with (teacher.shots; unset, the store's own).")
 @click.option("--epochs", type=int, help="training epochs; 0 = the paper's rule (student.epochs).")
+@click.option("--method", type=click.Choice(["mimic", "lora", "lora-dagger", "mimic+lora", "live"]),
+              help="what to train (student.method); its output is student-<task>-<k>shot-<method>.")
 @click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (student.zero_stage).")
 @DRY_RUN
 @DEBUG
-def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, dry_run, debug):
-    """Train MimIC heads against a teacher store with DeepSpeed ZeRO.
+def run_student(config_fpath, overrides, store, shots, epochs, method, zero_stage, dry_run, debug):
+    """Train MimIC heads (or another method, --method) against a teacher store with DeepSpeed ZeRO.
 
     The teacher's settings (shots, sampler, seed, views, span, capture) come from the store; one set
     explicitly must agree with it. The output is named after the store's shots.
@@ -100,11 +102,12 @@ def run_student(config_fpath, overrides, store, shots, epochs, zero_stage, dry_r
     Example:
       pipeline run student
       pipeline run student --store runs/store-vqav2-32shot --zero-stage 3
+      pipeline run student --method lora-dagger --set student.w_align=0     # LoRA† on L_gt alone
       WORLD_SIZE=8 RANK=0 pipeline run student --dry-run   # the plan for 8 ranks
     """
     cfg = _config(config_fpath, overrides, not dry_run, reads_store=lambda cfg: True,
                   **{"teacher.store": store, "teacher.shots": shots, "student.epochs": epochs,
-                     "student.zero_stage": zero_stage})
+                     "student.method": method, "student.zero_stage": zero_stage})
     if dry_run:
         from stages.plan import student_plan
         return click.echo(json.dumps(student_plan(cfg), indent=2))
@@ -134,7 +137,7 @@ def run_all(config_fpath, overrides, shots, debug):
         metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode,
                                                                    "eval.shots": cfg.teacher.shots}))
         click.echo(json.dumps(metrics))
-        name = "vqa_accuracy" if "vqa_accuracy" in metrics else "cider"
+        name = next(m for m in ("vqa_accuracy", "cider", "accuracy") if m in metrics)
         scores[mode] = metrics[name]
     click.echo(f"{name} on {metrics['n']} {cfg.task.name} queries: zero-shot {scores['zero-shot']:.1f}, "
                f"{cfg.teacher.shots}-shot ICL {scores['icl']:.1f}, MimIC {scores['mimic']:.1f}")
@@ -143,15 +146,19 @@ def run_all(config_fpath, overrides, shots, debug):
 @cli.command("eval")
 @CONFIG
 @SET
-@click.option("--mode", type=click.Choice(["zero-shot", "icl", "mimic", "align"]), help="eval.mode")
+@click.option("--mode", type=click.Choice(["zero-shot", "icl", "mimic", "trained", "align"]), help="eval.mode")
 @click.option("--shots", type=int, help="k for icl (eval.shots).")
 @click.option("--heads", help="heads directory for mimic (eval.heads).")
+@click.option("--student", "student_dpath", help="for trained: a student's output directory, any method (eval.student).")
 @click.option("--num-samples", type=int, help="evaluation queries; 0 = all (eval.num_samples).")
 @click.option("--store", help="the teacher store (teacher.store): with --mode align, the one to measure L_align "
               "on; with mimic or align, the default --heads are those of the student trained from it.")
 @DEBUG
-def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, debug):
+def eval_cmd(config_fpath, overrides, mode, shots, heads, student_dpath, num_samples, store, debug):
     """Generate answers and score them (VQA accuracy or CIDEr); writes predictions.jsonl and metrics.json.
+
+    --mode trained is the zero-shot prompt ([BOS] + query) with what a student trained, whatever its
+    method (student.method: mimic, lora, lora-dagger, mimic+lora, live); --mode mimic reads MimIC heads only.
 
     --mode align instead measures L_align of trained and of freshly initialised heads on a store,
     e.g. one of held-out queries.
@@ -161,15 +168,62 @@ def eval_cmd(config_fpath, overrides, mode, shots, heads, num_samples, store, de
       pipeline eval --mode icl --shots 4
       pipeline eval --mode mimic --heads runs/student-vqav2-32shot/heads
       pipeline eval --mode mimic --store runs/store-vqav2-8shot    # the heads in runs/student-vqav2-8shot
+      pipeline eval --mode trained --student runs/student-vqav2-8shot-lora
       pipeline eval --mode align --store runs/heldout-store --heads runs/student-vqav2-32shot/heads
     """
     from stages import evaluate
-    cfg = _config(config_fpath, overrides, reads_store=lambda cfg: cfg.eval.mode in ("mimic", "align"),
-                  **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads, "eval.num_samples": num_samples,
-                     "teacher.store": store})
+    cfg = _config(config_fpath, overrides, reads_store=lambda cfg: cfg.eval.mode in ("mimic", "trained", "align"),
+                  **{"eval.mode": mode, "eval.shots": shots, "eval.heads": heads, "eval.student": student_dpath,
+                     "eval.num_samples": num_samples, "teacher.store": store})
     metrics = evaluate.run(cfg)
     click.echo(json.dumps(metrics))
     click.echo(f"wrote {cfg.eval.out}/metrics.json")
+
+
+@cli.group()
+def analyze():
+    """Analyses of trained students."""
+
+
+@analyze.command("l2")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@SET
+@click.option("--num-samples", type=int, help="held-out queries (eval.num_samples; unset: the first run's).")
+@click.option("--out", "out_dpath", default="runs/analyze-l2", show_default=True, type=click.Path(file_okay=False))
+@DEBUG
+def analyze_l2(runs, overrides, num_samples, out_dpath, debug):
+    """Seed Tab. 11: per decoder layer, the mean L2 distance between each run's latent and k-shot ICL's.
+
+    The latent is the layer's output at the last prompt position (the one that gives the first answer token),
+    on held-out queries: the zero-shot prompt with each run's artifact, and without one, against the k-shot ICL
+    prompt on the frozen model (k = the runs' teacher shots). Settings come from the first run's config.json.
+    Writes l2.md, l2.json and l2.png into --out.
+
+    \b
+    Example:
+      pipeline analyze l2 runs/student-vqav2-8shot runs/student-vqav2-8shot-lora runs/student-vqav2-8shot-lora-dagger
+    """
+    from stages import analyze as an
+    cfg = _config(os.path.join(runs[0], "config.json"), overrides, **{"eval.num_samples": num_samples})
+    result = an.l2(cfg, list(runs), out_dpath)
+    click.echo(an.table(result))
+    click.echo(f"wrote {out_dpath}/l2.md, l2.json, l2.png")
+
+
+@cli.command("report")
+@click.argument("run_dpath", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
+@DEBUG
+def report_cmd(run_dpath, debug):
+    """Plots and a short Markdown summary of what RUN_DIR holds, into RUN_DIR/report/: each student's L_align,
+    L_gt and lr over steps; L_align per layer, fresh against trained heads, of each `eval --mode align`; the
+    metric of every other evaluation.
+
+    \b
+    Example:
+      pipeline report runs
+    """
+    from stages.report import report
+    click.echo(f"wrote {report(run_dpath)} and its plots")
 
 
 @cli.group()
@@ -179,32 +233,74 @@ def experiment():
 
 @experiment.command("toy-icl")
 @SET
-@click.option("--out", "out_dpath", default="runs/toy-icl", show_default=True, type=click.Path(file_okay=False),
-              help="experiment directory (data, stores, heads, evaluations, results).")
-@click.option("--permutations", type=int, default=8, show_default=True, help="held-out tasks: permutation seeds 0..N-1.")
-@click.option("--num-samples", type=int, default=64, show_default=True, help="test queries per permutation.")
+@click.option("--family", type=click.Choice(["lookup", "attribute"]), default="lookup", show_default=True,
+              help="lookup: the demonstrations say which word a colour stands for (a per-query lookup); attribute: "
+                   "which attribute of the image the answer names (the same for every query).")
+@click.option("--out", "out_dpath", type=click.Path(file_okay=False),
+              help="experiment directory (data, stores, heads, evaluations, results)  [default: runs/toy-<family>]")
+@click.option("--tasks", type=int,
+              help="tasks 0..N-1: lookup, held-out permutation seeds; attribute, the 3 attributes in turn, "
+                   "then again with the next data seed  [default: lookup 8, attribute 9]")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="test queries per task.")
+@click.option("--sweep", default="16,32,128,1000", show_default=True,
+              help="training-set sizes N of the sweep (comma-separated; '' for none).")
+@click.option("--sweep-steps", type=int, default=1250, show_default=True,
+              help="optimiser steps of every sweep student, whatever N (the paper's rule for N = 1000).")
 @click.option("--jobs", type=int, default=1, show_default=True,
-              help="permutations run at once, each in its own process with its share of the cores.")
+              help="tasks run at once, each in its own process with its share of the cores.")
 @DEBUG
-def experiment_toy_icl(overrides, out_dpath, permutations, num_samples, jobs, debug):
-    """MimIC against zero-shot and k-shot ICL on the toy ICL model's held-out tasks (issue 8).
+def experiment_toy_icl(overrides, family, out_dpath, tasks, num_samples, sweep, sweep_steps, jobs, debug):
+    """MimIC against zero-shot and k-shot ICL on a toy task family of the toy ICL model (issues 8 and 15).
 
-    Per permutation: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
-    with MSE + CE, MSE only and CE only, each evaluated as MimIC; and the MSE-only ceiling, measured by
-    patching an after-SA teacher's outputs into the zero-shot model. Writes results.md, results.json and
-    accuracy_vs_k.png into --out. Rerunning the same command resumes; steps already done are kept.
+    Per task: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
+    with MSE + CE, MSE only and CE only, each evaluated as MimIC; the MSE-only ceiling, measured by
+    patching an after-SA teacher's outputs into the zero-shot model; and the three students at each
+    training-set size N of the sweep, with the same number of optimiser steps. Writes results.md,
+    results.json, accuracy_vs_k.png and accuracy_vs_n.png into --out. Rerunning the same command
+    resumes; steps already done are kept.
 
     \b
     Example:
-      pipeline experiment toy-icl --jobs 2 --set student.epochs=10   # the README's table
-      pipeline experiment toy-icl --permutations 2 --num-samples 32 --out runs/toy-quick
+      pipeline experiment toy-icl --jobs 2 --set student.epochs=10   # the README's lookup table
+      pipeline experiment toy-icl --family attribute --jobs 2 --set student.epochs=10
+      pipeline experiment toy-icl --tasks 2 --num-samples 32 --sweep '' --out runs/toy-quick
     """
     from pipeline import experiment as exp
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1; got {num_samples}")
-    results = exp.run(out_dpath, list(range(permutations)), num_samples, tuple(overrides), log=click.echo, jobs=jobs)
+    try:
+        sizes = tuple(int(n) for n in sweep.split(",") if n.strip())
+    except ValueError:
+        raise UserError(f"--sweep takes comma-separated numbers of training queries, e.g. 16,32,128; got {sweep!r}")
+    out_dpath = out_dpath or f"runs/toy-{'icl' if family == 'lookup' else family}"
+    tasks = exp.families()[family].default_tasks if tasks is None else tasks
+    results = exp.run(out_dpath, family, list(range(tasks)), num_samples, tuple(overrides), log=click.echo, jobs=jobs,
+                      sweep=sizes, sweep_steps=sweep_steps)
     click.echo(open(os.path.join(out_dpath, "results.md")).read())
-    click.echo(f"wrote {out_dpath}/results.md, results.json, accuracy_vs_k.png ({results['minutes']} min)")
+    click.echo(f"wrote {out_dpath}/results.md, results.json and plots ({results['minutes']} min)")
+
+
+@experiment.command("variants")
+@SET
+@click.option("--out", "out_dpath", default="runs/variants", show_default=True, type=click.Path(file_okay=False),
+              help="experiment directory (store, students, evaluations, L2 analysis, results).")
+@DEBUG
+def experiment_variants(overrides, out_dpath, debug):
+    """The seed's Tab. 8, 11 and 12 from one 8-shot store: MimIC's shift and μ ablations, LoRA and LoRA† with and
+    without L_align (with their L2 distance to 8-shot ICL), and MimIC + LoRA on top of the MimIC heads.
+
+    On the embedded default unless --set says otherwise. Writes results.md and results.json into --out;
+    rerunning the same command resumes.
+
+    \b
+    Example:
+      pipeline experiment variants
+      pipeline experiment variants --set task.num_queries=64 --set student.epochs=10 --set eval.num_samples=64
+    """
+    from pipeline import variants
+    results = variants.run(out_dpath, tuple(overrides), log=click.echo)
+    click.echo(variants.markdown(results))
+    click.echo(f"wrote {out_dpath}/results.md, results.json ({results['minutes']} min)")
 
 
 @cli.command("make-model")
@@ -232,7 +328,8 @@ def make_model_cmd(family, out_dpath, hidden, layers, seed, debug):
 @click.option("--seed", type=int, default=0, show_default=True)
 @DEBUG
 def make_data_cmd(out_dpath, n_train, n_val, seed, debug):
-    """Write a synthetic data set in the official VQAv2, OK-VQA, COCO Karpathy and HF formats.
+    """Write a synthetic data set in the official VQAv2, OK-VQA, COCO Karpathy and HF formats, and in the
+    Flickr30k, MME, SEED-Bench-2 and MMMU-Pro layouts (subfolders flickr30k/, mme/, seed_bench/, mmmu_pro/).
 
     \b
     Example:

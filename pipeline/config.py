@@ -27,12 +27,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "vqav2"            # vqav2 | okvqa | coco | hf-vqa | hf-caption
+    name: str = "vqav2"            # vqav2 | okvqa | coco | hf-vqa | hf-caption | flickr30k | mme | seed-bench | mmmu-pro
     root: str = ""                 # data root (official files); "" = the embedded toy task (written on first use)
     train_split: str = "train"     # split the training queries and the support set come from
     eval_split: str = "val"        # split evaluation queries come from (never in a support set)
     query_split: str = ""          # split of the teacher's/student's queries; "" = train_split (val + support=train: a held-out store)
     num_queries: int = 0           # training queries N (the first N of the split shuffled by task.seed); 0 = all
+                                   # (mme, seed-bench, mmmu-pro: N of their one labelled set, required; the rest is evaluated)
     seed: int = 3407               # shuffles each split before training/evaluation queries are taken (the authors' seed)
     answer: str = "most_common"    # target/ICD answer: most_common of the annotators | first (the authors' code)
     support: str = "queries"       # ICD pool: queries (the N training queries, as the authors) | train (whole split)
@@ -47,7 +48,11 @@ class TeacherConfig:
     exclude_same_image: bool = False  # no ICD shows the query's picture; off = only the query itself is left out (the authors)
     store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
     capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
+    store_dtype: str = ""          # dtype of the stored targets: "" = model.dtype | float32 | bfloat16 | float16
+                                   # (e.g. bfloat16 targets from a float32 model: half the bytes, what real runs store)
     span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
+    logits: str = "off"            # the next-token distributions at the answer positions, which LIVE trains on:
+                                   # off | topk:K (the K largest logits, and the tail's mass) | full (the whole vocabulary)
     batch_size: int = 4            # prompts per forward
     shard_size: int = 16           # queries per shard (the unit of writing, publishing and resume)
     on_bad_sample: str = "fail"    # a query whose image cannot be loaded or whose prompt is refused: fail | skip
@@ -58,9 +63,16 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    out: str = ""                  # run directory for checkpoints, log and heads; "" = <run_dir>/student-<task>-<shots>shot
-                                   # (the shots of the store it trains from)
-    lr: float = 5e-3               # AdamW learning rate (seed §7.2)
+    out: str = ""                  # run directory for checkpoints, log and artifact; "" = <run_dir>/student-<task>-<shots>shot
+                                   # (the shots of the store it trains from), + -<method and options> unless plain MimIC
+    method: str = "mimic"          # mimic | lora | lora-dagger (W_o of the LM only, r=1) | mimic+lora | live (METHOD.md §5)
+    shift: str = "mimic"           # MimIC heads (seed Tab. 8): mimic (SA + μ·v) | linear ((1−μ)·SA + μ·h(q), h linear)
+                                   # | vector ((1−μ)·SA + μ·h, h a learnable vector)
+    mu: str = "query"              # MimIC gate μ: query (per head, from q and log Z2) | shared (one per layer, across heads)
+                                   # | constant (a learnable scalar per head, independent of the query)
+    heads_from: str = ""           # heads directory to start the MimIC heads from (e.g. mimic+lora on trained heads); "" = fresh
+    lr: float = 5e-3               # AdamW learning rate of MimIC heads (seed §7.2)
+    lora_lr: float = 5e-4          # AdamW learning rate of LoRA weights (seed §7.2)
     weight_decay: float = 1e-3     # AdamW weight decay (seed Tab. 7)
     warmup_ratio: float = 0.1      # fraction of optimiser steps with linear warm-up, then cosine decay
     global_batch: int = 4          # sequences per optimiser step, whatever the world size
@@ -75,13 +87,17 @@ class StudentConfig:
     save_every: int = 50           # optimiser steps between DeepSpeed checkpoints (and at the end)
     seed: int = 0                  # heads init and data order
     shuffle_buffer: int = 64       # items in the reader's shuffle buffer
+    log: str = ""                  # also log the losses and lr per step: "" (losses.jsonl only) | tensorboard
+                                   # (OUT/tensorboard; needs the optional tensorboard package: pip install -e ".[tensorboard]")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    mode: str = "zero-shot"        # zero-shot | icl | mimic | align (L_align of the heads on teacher.store)
+    mode: str = "zero-shot"        # zero-shot | icl | mimic | trained (the zero-shot prompt with any method's trained
+                                   # artifact, eval.student) | align (L_align of the heads on teacher.store)
     shots: int = 4                 # k for icl
     heads: str = ""                # heads directory for mimic; "" = the student's default output
+    student: str = ""              # a student's output directory for trained; "" = student.out
     num_samples: int = 0           # evaluation queries (the first of the eval split shuffled by task.seed); 0 = all
     batch_size: int = 8            # prompts per generate call
     num_beams: int = 3             # beam search width (METHOD.md §6)
@@ -89,6 +105,7 @@ class EvalConfig:
     sampler: str = "uniform"       # ICDs for icl: uniform | cover (as teacher.sampler)
     exclude_same_image: bool = False  # for icl, as teacher.exclude_same_image
     vqa_normalize_refs: bool = False  # VQA accuracy: answers normalised in full, like the prediction (then not the official score)
+    unparsed: str = "wrong"        # multiple choice, a generation naming no option letter: wrong | random (a seeded letter, the authors)
     out: str = ""                  # run directory; "" = <run_dir>/eval-<mode>-<task>
 
 
@@ -112,12 +129,18 @@ CHOICES = {
     ("task", "support"): ("queries", "train"),
     ("teacher", "capture"): ("ffn", "attn"),
     ("teacher", "span"): ("all", "text"),
+    ("teacher", "store_dtype"): ("", "float32", "bfloat16", "float16"),
     ("teacher", "sampler"): ("uniform", "cover"),
     ("teacher", "on_bad_sample"): ("fail", "skip"),
     ("student", "ce_on"): ("all", "answer"),
     ("student", "log_z2"): ("masked", "unmasked"),
+    ("student", "method"): ("mimic", "lora", "lora-dagger", "mimic+lora", "live"),
+    ("student", "shift"): ("mimic", "linear", "vector"),
+    ("student", "mu"): ("query", "shared", "constant"),
+    ("student", "log"): ("", "tensorboard"),
     ("eval", "sampler"): ("uniform", "cover"),
-    ("eval", "mode"): ("zero-shot", "icl", "mimic", "align"),
+    ("eval", "unparsed"): ("wrong", "random"),
+    ("eval", "mode"): ("zero-shot", "icl", "mimic", "trained", "align"),
 }
 
 
@@ -170,6 +193,12 @@ def _check(cfg: Config) -> Config:
             raise UserError(f"config {key}: must be 0 or more, got {value}")
     if s.save_every < 1:
         raise UserError(f"config student.save_every: must be at least 1 (optimiser steps), got {s.save_every}")
+    if "mimic" not in s.method and (s.shift != "mimic" or s.mu != "query" or s.heads_from):
+        raise UserError(f"config student.shift, student.mu and student.heads_from are options of MimIC heads; "
+                        f"student.method {s.method} has none (choose mimic or mimic+lora)")
+    k = t.logits[5:] if t.logits.startswith("topk:") else ""
+    if t.logits not in ("off", "full") and not (k.isdigit() and int(k) >= 1 and k == str(int(k))):
+        raise UserError(f"config teacher.logits: {t.logits!r} is not one of off, topk:K (K >= 1, e.g. topk:64), full")
     if not 0 <= s.zero_stage <= 3:
         raise UserError(f"config student.zero_stage: must be 0, 1, 2 or 3, got {s.zero_stage}")
     return cfg

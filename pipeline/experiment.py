@@ -1,15 +1,21 @@
-"""The toy-ICL experiment (issue 8): does MimIC make a zero-shot prompt do what k-shot ICL does?
+"""The toy-ICL experiment (issues 8 and 15): does MimIC make a zero-shot prompt do what k-shot ICL does?
 
-On each held-out permutation task p of stages/tasks/toy_icl.py, with the trained toy model:
+Two task families, both with the trained toy model (stages/models/toy_icl) and both in the VQAv2 format:
+lookup (stages/tasks/toy_icl.py: the demonstrations say which word each colour stands for, a per-query
+lookup) and attribute (stages/tasks/toy_attribute.py: they say which attribute of the image is asked,
+the same for every query). On each task u of a family:
 
-    data(p) -> eval zero-shot, eval k-shot ICL (k in ICL_SHOTS)
+    data(u) -> eval zero-shot, eval k-shot ICL (k in ICL_SHOTS)
             -> for k in TEACHER_SHOTS: teacher(k) -> students (MSE + CE, MSE only, CE only) -> eval MimIC
                                        teacher(k) aligned after SA -> the MSE-only ceiling (mse_ceiling.py)
+            -> for N in the sweep: teacher(SWEEP_SHOTS, first N queries) -> the three students, SWEEP_STEPS
+               optimiser steps whatever N -> eval MimIC
 
-Every step is a stage's own `run(cfg)`, on a config made of the pipeline's defaults and --set style
-overrides, exactly what the CLI commands would run. A step whose output is complete is not redone, so
-a killed experiment resumes where it stopped. The results (per permutation and the means) go to
-results.json, a Markdown table to results.md and the accuracy-against-k plot to accuracy_vs_k.png.
+Demonstrations come from the whole training split (task.support=train), so a small N keeps the pool
+that a large one has. Every step is a stage's own `run(cfg)`, on a config made of the pipeline's defaults
+and --set style overrides, exactly what the CLI commands would run. A step whose output is complete is
+not redone, so a killed experiment resumes where it stopped. The results (per task and the means) go to
+results.json, Markdown tables to results.md, and the plots to accuracy_vs_k.png and accuracy_vs_n.png.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from pipeline.config import load_config
 from pipeline.defaults import resolve
@@ -31,6 +39,56 @@ STUDENTS = {"mimic": (), "mse_only": ("student.w_ce=0",), "ce_only": ("student.w
 PATCHED = ("patched_teacher", "patched_ceiling")  # first-answer-token accuracy on the training queries
 LABELS = {"zero_shot": "zero-shot", "icl": "k-shot ICL", "mimic": "MimIC (MSE + CE)",
           "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only", "patched_ceiling": "MSE-only ceiling"}
+SWEEP_SIZES = (16, 32, 128, 1000)
+SWEEP_SHOTS = 8
+# The paper's rule for 1,000 samples (5 epochs of 250 steps at the global batch of 4), for every N.
+SWEEP_STEPS = 1250
+GLOBAL_BATCH = 4
+
+
+@dataclass(frozen=True)
+class Family:
+    """A toy task family: how task u's data set is written, what it is called, and how its ceiling is measured.
+
+    ceiling_views = 1: the MSE-only optimum is taken as the mean over the training queries with the same
+    answer (a lookup query is its colour, so those are the other demonstration draws of the same query);
+    V > 1: as the mean over V demonstration draws of each query's own teacher outputs, on the first
+    ceiling_queries training queries (teacher.views = V).
+    """
+
+    name: str
+    unit: str                                # a task u in the tables' words
+    write: Callable[[str, int, int], None]   # (root, u, n_train)
+    label: Callable[[int], str]
+    ceiling_views: int
+    ceiling_queries: int
+    n_tasks: int | None                      # tasks there are (None: any number of seeds)
+    default_tasks: int                       # tasks of the committed tables: at least 8, each task alike
+
+
+def _write_lookup(root: str, u: int, n_train: int) -> None:
+    from stages.tasks.toy_icl import write_toy_icl
+    write_toy_icl(root, permutation_seed=u, n_train=n_train)
+
+
+def _write_attribute(root: str, u: int, n_train: int) -> None:
+    from stages.tasks.toy_attribute import TASKS, write_toy_attribute
+    write_toy_attribute(root, u % len(TASKS), n_train=n_train, seed=u // len(TASKS))
+
+
+def _attribute_label(u: int) -> str:
+    from stages.tasks.toy_attribute import TASKS
+    return f"{TASKS[u % len(TASKS)]}, seed {u // len(TASKS)}"
+
+
+def families() -> dict[str, Family]:
+    from stages.tasks.toy_icl import N_HELD_OUT
+    from stages.tasks.toy_attribute import TASKS
+    return {"lookup": Family("lookup", "held-out permutations", _write_lookup, lambda u: f"permutation {u}",
+                             1, N_TRAIN, N_HELD_OUT, 8),
+            "attribute": Family("attribute", f"attribute tasks (the {len(TASKS)} attributes in turn, then again with "
+                                "the next data seed)", _write_attribute, _attribute_label, 8, 128, None,
+                                3 * len(TASKS))}
 
 
 def _done(out_dpath: str, result_fname: str, cfg) -> bool:
@@ -64,15 +122,19 @@ def _ceiling(cfg, out_dpath: str) -> dict:
     return patched
 
 
-def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ...], log) -> dict:
-    """Accuracy of every method on held-out permutation p: {"zero_shot": a, "icl": {k: a}, name: {k: a}}."""
+def task_results(out: str, family: Family, u: int, num_samples: int, extra: tuple[str, ...], sweep: tuple[int, ...],
+                 sweep_steps: int, log) -> dict:
+    """Accuracy of every method on task u: {"zero_shot": a, "icl": {k: a}, name: {k: a}, "sweep": {N: {name: a}}}."""
     from stages import student, teacher
-    from stages.tasks.toy_icl import model_dpath, write_toy_icl
+    from stages.tasks.toy_icl import model_dpath
 
-    root, run_dir = os.path.join(out, "data", f"perm{p}"), os.path.join(out, f"perm{p}")
-    write_toy_icl(root, permutation_seed=p, n_train=N_TRAIN)  # a no-op once complete
+    name = f"{'perm' if family.name == 'lookup' else family.name}{u}"
+    root, run_dir = os.path.join(out, "data", name), os.path.join(out, name)
+    family.write(root, u, N_TRAIN)  # a no-op once complete
     base = (f"model.path={model_dpath()}", f"task.root={root}", f"run_dir={run_dir}", "teacher.sampler=cover",
-            "eval.sampler=cover", f"eval.num_samples={num_samples}", *extra)
+            "eval.sampler=cover", "task.support=train", f"task.num_queries={N_TRAIN}",
+            f"eval.num_samples={num_samples}", *extra)
+    tag = family.label(u)
 
     def cfg(*overrides):
         return resolve(load_config(None, [*base, *overrides]))
@@ -80,93 +142,117 @@ def permutation_results(out: str, p: int, num_samples: int, extra: tuple[str, ..
     def accuracy(*overrides) -> float:
         return _evaluated(cfg(*overrides))["vqa_accuracy"]
 
+    def trained(out_dpath: str, *overrides) -> float:
+        """Train a student (unless done with this config) and evaluate it as MimIC."""
+        run_cfg = cfg(*overrides, f"student.out={out_dpath}")
+        if not _done(out_dpath, os.path.join("heads", "heads.safetensors"), run_cfg):
+            student.run(run_cfg)
+        eval_dpath = os.path.join(run_dir, os.path.basename(out_dpath).replace("student-", "eval-mimic-", 1))
+        return accuracy(*overrides, "eval.mode=mimic", f"eval.heads={out_dpath}/heads", f"eval.out={eval_dpath}")
+
+    n_train = cfg().task.num_queries  # N_TRAIN unless --set task.num_queries says otherwise
     result = {"zero_shot": accuracy("eval.mode=zero-shot"), "icl": {}}
     for k in ICL_SHOTS:
         result["icl"][k] = accuracy("eval.mode=icl", f"eval.shots={k}")
-        log(f"perm {p}: ICL k={k} {result['icl'][k]:.1f} (zero-shot {result['zero_shot']:.1f})")
+        log(f"{tag}: ICL k={k} {result['icl'][k]:.1f} (zero-shot {result['zero_shot']:.1f})")
     for k in TEACHER_SHOTS:
         teacher.run(cfg(f"teacher.shots={k}"))
         # How far an MSE-only student could get at all: a teacher aligned after SA, patched in (mse_ceiling.py).
-        after_sa = cfg(f"teacher.shots={k}", "teacher.capture=attn", f"teacher.store={run_dir}/store-attn-{k}shot")
+        after_sa = cfg(f"teacher.shots={k}", "teacher.capture=attn", f"teacher.store={run_dir}/store-attn-{k}shot",
+                       f"teacher.views={family.ceiling_views}", f"task.num_queries={min(n_train, family.ceiling_queries)}")
         teacher.run(after_sa)
         patched = _ceiling(after_sa, os.path.join(run_dir, f"ceiling-{k}shot"))
         result.setdefault("patched_teacher", {})[k] = patched["teacher"]
         result.setdefault("patched_ceiling", {})[k] = patched["ceiling"]
-        log(f"perm {p}: {k}-shot teacher patched in {result['patched_teacher'][k]:.1f}, "
-            f"its per-answer mean (the MSE-only ceiling) {result['patched_ceiling'][k]:.1f}")
-        for name, overrides in STUDENTS.items():
-            if name == "ce_only" and k != TEACHER_SHOTS[0]:
+        log(f"{tag}: {k}-shot teacher patched in {result['patched_teacher'][k]:.1f}, "
+            f"its MSE-only optimum (the ceiling) {result['patched_ceiling'][k]:.1f}")
+        for method, overrides in STUDENTS.items():
+            if method == "ce_only" and k != TEACHER_SHOTS[0]:
                 # Without L_align the targets are never read: the heads are the same for every k.
-                result[name][k] = result[name][TEACHER_SHOTS[0]]
+                result[method][k] = result[method][TEACHER_SHOTS[0]]
                 continue
-            out_dpath = os.path.join(run_dir, f"student-{name}-{k}shot")
-            run_cfg = cfg(f"teacher.shots={k}", f"student.out={out_dpath}", *overrides)
-            if not _done(out_dpath, os.path.join("heads", "heads.safetensors"), run_cfg):
-                student.run(run_cfg)
-            result.setdefault(name, {})[k] = accuracy(
-                f"teacher.shots={k}", "eval.mode=mimic", f"eval.heads={out_dpath}/heads",
-                f"eval.out={run_dir}/eval-mimic-{name}-{k}shot")
-            log(f"perm {p}: {name} from the {k}-shot teacher {result[name][k]:.1f}")
+            result.setdefault(method, {})[k] = trained(os.path.join(run_dir, f"student-{method}-{k}shot"),
+                                                       f"teacher.shots={k}", *overrides)
+            log(f"{tag}: {method} from the {k}-shot teacher {result[method][k]:.1f}")
+    for n in sweep:  # the same number of optimiser steps for every N, so that a small N is not undertrained
+        store = [f"teacher.shots={SWEEP_SHOTS}", f"task.num_queries={n}"]
+        if n != n_train:  # all training queries: the main table's store
+            store.append(f"teacher.store={run_dir}/store-{SWEEP_SHOTS}shot-n{n}")
+        teacher.run(cfg(*store))
+        epochs = max(1, round(sweep_steps * GLOBAL_BATCH / n))
+        for method, overrides in STUDENTS.items():
+            a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), *store, *overrides,
+                        f"student.epochs={epochs}", f"student.global_batch={GLOBAL_BATCH}")
+            result.setdefault("sweep", {}).setdefault(n, {})[method] = a
+            log(f"{tag}: N={n} {method} {a:.1f}")
     return result
 
 
-def summarise(per_perm: dict[int, dict]) -> dict:
-    """Mean and standard error over permutations of each method at each k."""
+def summarise(per_task: dict[int, dict]) -> dict:
+    """Mean and standard error over tasks of each method at each k (and each N of the sweep)."""
     def stats(values):
         values = list(values)
         se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
         return {"mean": statistics.fmean(values), "se": se}
-    rows = list(per_perm.values())
+    rows = list(per_task.values())
     summary = {"zero_shot": stats(r["zero_shot"] for r in rows)}
     for name in ("icl", *STUDENTS, *PATCHED):
         summary[name] = {k: stats(r[name][k] for r in rows) for k in rows[0][name]}
+    if rows[0].get("sweep"):
+        summary["sweep"] = {n: {m: stats(r["sweep"][n][m] for r in rows) for m in STUDENTS} for n in rows[0]["sweep"]}
     return summary
 
 
-def table(summary: dict, n_perms: int, n_queries: int, minutes: float) -> str:
+def _fmt(s: dict) -> str:
+    return f"{s['mean']:.1f} ± {s['se']:.1f}"
+
+
+def table(summary: dict, family: Family, n_tasks: int, n_queries: int, sweep_steps: int, minutes: float) -> str:
     ks = TEACHER_SHOTS
-    fmt = lambda s: f"{s['mean']:.1f} ± {s['se']:.1f}"  # noqa: E731
-    lines = [f"VQA accuracy on held-out tasks: mean ± standard error over {n_perms} permutations, "
+    lines = [f"VQA accuracy on the {family.name} family: mean ± standard error over {n_tasks} {family.unit}, "
              f"{n_queries} test queries in all; {N_TRAIN} training queries per task; demonstrations by the cover "
-             f"sampler; {minutes:.0f} min.", "",
+             f"sampler from the whole training split; {minutes:.0f} min.", "",
              "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
-             f"| zero-shot | " + " | ".join(fmt(summary["zero_shot"]) for _ in ks) + " |"]
+             f"| zero-shot | " + " | ".join(_fmt(summary["zero_shot"]) for _ in ks) + " |"]
     for name in ("icl", *STUDENTS):
-        lines.append(f"| {LABELS[name]} | " + " | ".join(fmt(summary[name][k]) for k in ks) + " |")
+        lines.append(f"| {LABELS[name]} | " + " | ".join(_fmt(summary[name][k]) for k in ks) + " |")
     ceiling = summary["patched_ceiling"]
-    lines.append(f"| {LABELS['patched_ceiling']} (see below) | " + " | ".join(fmt(ceiling[k]) for k in ks) + " |")
+    lines.append(f"| {LABELS['patched_ceiling']} (see below) | " + " | ".join(_fmt(ceiling[k]) for k in ks) + " |")
+    if family.ceiling_views == 1:
+        optimum = "averaged over the training queries with the same answer (on this family a query is its colour)"
+    else:
+        optimum = (f"averaged over {family.ceiling_views} demonstration draws of each query's own (teacher.views; "
+                   f"on the first {family.ceiling_queries} training queries)")
     lines += ["", "MimIC rows: heads trained from the k-shot teacher's store and evaluated zero-shot "
               "([BOS] + query, heads on). CE only never reads the store, so one run serves both columns.", "",
               "MSE-only ceiling: the answer of a student at the lowest L_align it can reach, aligned after "
               "self-attention. Every layer's attention output on the zero-shot span is replaced by the k-shot "
-              "teacher's, averaged over the training queries with the same answer (what a student that sees "
-              "only the query can best match); the number is first-answer-token accuracy on the training queries. "
-              "Replacing them with each query's own teacher outputs gives "
-              + " and ".join(f"{fmt(summary['patched_teacher'][k])} (k = {k})" for k in ks)
+              f"teacher's, {optimum}: what a student that sees only the query can best match. The number is "
+              "first-answer-token accuracy on the training queries. Replacing them with each query's own teacher "
+              "outputs gives " + " and ".join(f"{_fmt(summary['patched_teacher'][k])} (k = {k})" for k in ks)
               + " on the same measure, the teacher's own accuracy (pipeline/mse_ceiling.py)."]
+    if sweep := summary.get("sweep"):
+        lines += ["", f"Training-set size (teacher k = {SWEEP_SHOTS}; {sweep_steps} optimiser steps of "
+                  f"{GLOBAL_BATCH} queries whatever N, the demonstrations from the whole training split; "
+                  f"k = {SWEEP_SHOTS} ICL {_fmt(summary['icl'][SWEEP_SHOTS])}, zero-shot {_fmt(summary['zero_shot'])}):",
+                  "", "| N | " + " | ".join(LABELS[m] for m in STUDENTS) + " |", "|---|" + "---|" * len(STUDENTS)]
+        for n in sorted(sweep, key=int):
+            lines.append(f"| {n} | " + " | ".join(_fmt(sweep[n][m]) for m in STUDENTS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, fpath: str) -> None:
+MARKERS = {"mimic": ("s", 0.94), "mse_only": ("^", 1.0), "ce_only": ("v", 1.06), "patched_ceiling": ("x", 1.03)}
+
+
+def _figure():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt, *plt.subplots(figsize=(6, 4))
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ks = sorted(summary["icl"], key=int)
-    ax.errorbar([0, *map(int, ks)], [summary["zero_shot"]["mean"], *(summary["icl"][k]["mean"] for k in ks)],
-                yerr=[summary["zero_shot"]["se"], *(summary["icl"][k]["se"] for k in ks)],
-                marker="o", label="k-shot ICL (k = 0: zero-shot)")
-    for name, marker, nudge in (("mimic", "s", 0.94), ("mse_only", "^", 1.0), ("ce_only", "v", 1.06),
-                                ("patched_ceiling", "x", 1.03)):
-        tks = sorted(summary[name], key=int)  # nudged sideways so that equal values stay visible
-        ax.errorbar([int(k) * nudge for k in tks], [summary[name][k]["mean"] for k in tks],
-                    yerr=[summary[name][k]["se"] for k in tks], marker=marker, linestyle="none",
-                    label=f"{LABELS[name]} (zero-shot prompt)")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xticks([0, *map(int, ks)], labels=["0", *map(str, ks)])
-    ax.set_xlabel("k: demonstrations (ICL) or the teacher's shots (MimIC)")
-    ax.set_ylabel("VQA accuracy")
+
+def _finish(plt, fig, ax, fpath: str) -> None:
+    ax.set_ylabel("VQA accuracy (%)")
     ax.set_ylim(0, 104)  # room for markers at 100
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -175,41 +261,87 @@ def plot(summary: dict, fpath: str) -> None:
     plt.close(fig)
 
 
-def _worker(out: str, p: int, num_samples: int, extra: tuple[str, ...], threads: int) -> dict:
-    """One permutation in a process of its own (--jobs), with its share of the cores."""
+def plot(summary: dict, family: Family, fpath: str) -> None:
+    plt, fig, ax = _figure()
+    ks = sorted(summary["icl"], key=int)
+    ax.errorbar([0, *map(int, ks)], [summary["zero_shot"]["mean"], *(summary["icl"][k]["mean"] for k in ks)],
+                yerr=[summary["zero_shot"]["se"], *(summary["icl"][k]["se"] for k in ks)],
+                marker="o", label="k-shot ICL (k = 0: zero-shot)")
+    for name, (marker, nudge) in MARKERS.items():
+        tks = sorted(summary[name], key=int)  # nudged sideways so that equal values stay visible
+        ax.errorbar([int(k) * nudge for k in tks], [summary[name][k]["mean"] for k in tks],
+                    yerr=[summary[name][k]["se"] for k in tks], marker=marker, linestyle="none",
+                    label=f"{LABELS[name]} (zero-shot prompt)")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks([0, *map(int, ks)], labels=["0", *map(str, ks)])
+    ax.set_xlabel("k: demonstrations (ICL) or the teacher's shots (MimIC)")
+    ax.set_title(f"{family.name} family", fontsize=10)
+    _finish(plt, fig, ax, fpath)
+
+
+def plot_sweep(summary: dict, family: Family, sweep_steps: int, fpath: str) -> None:
+    plt, fig, ax = _figure()
+    sweep = summary["sweep"]
+    ns = sorted(sweep, key=int)
+    for name in STUDENTS:
+        marker, nudge = MARKERS[name]
+        ax.errorbar([int(n) * nudge for n in ns], [sweep[n][name]["mean"] for n in ns],
+                    yerr=[sweep[n][name]["se"] for n in ns], marker=marker, label=LABELS[name])
+    for name, value, style in (("k = %d ICL" % SWEEP_SHOTS, summary["icl"][SWEEP_SHOTS], "--"),
+                               ("zero-shot", summary["zero_shot"], ":")):
+        ax.axhline(value["mean"], color="grey", linestyle=style, label=name)
+    ax.set_xscale("log")
+    ax.set_xticks([int(n) for n in ns], labels=[str(n) for n in ns])
+    ax.set_xlabel(f"N: training queries (teacher k = {SWEEP_SHOTS}, {sweep_steps} optimiser steps each)")
+    ax.set_title(f"{family.name} family", fontsize=10)
+    _finish(plt, fig, ax, fpath)
+
+
+def _worker(out: str, family: str, u: int, num_samples: int, extra: tuple[str, ...], sweep: tuple[int, ...],
+            sweep_steps: int, threads: int) -> dict:
+    """One task in a process of its own (--jobs), with its share of the cores."""
     import torch
     torch.set_num_threads(threads)
-    return permutation_results(out, p, num_samples, extra, print)
+    return task_results(out, families()[family], u, num_samples, extra, sweep, sweep_steps, print)
 
 
-def run(out: str, permutations: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
-        jobs: int = 1) -> dict:
-    from stages.tasks.toy_icl import N_HELD_OUT
-    outside = [p for p in permutations if not 0 <= p < N_HELD_OUT]
-    if not permutations or outside:
-        raise UserError(f"permutations must be held-out task seeds in 0..{N_HELD_OUT - 1}; got "
-                        f"{'none' if not permutations else f'{len(outside)} outside, e.g. {outside[0]}'}")
+def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
+        jobs: int = 1, sweep: tuple[int, ...] = SWEEP_SIZES, sweep_steps: int = SWEEP_STEPS) -> dict:
+    known = families()
+    if family not in known:
+        raise UserError(f"unknown task family {family!r}; choose one of {', '.join(known)}")
+    fam = known[family]
+    outside = [u for u in tasks if u < 0 or (fam.n_tasks is not None and u >= fam.n_tasks)]
+    if not tasks or outside:
+        raise UserError(f"tasks of the {family} family are numbered 0..{'' if fam.n_tasks is None else fam.n_tasks - 1}; "
+                        f"got {'none' if not tasks else f'{len(outside)} outside, e.g. {outside[0]}'}")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1; got {jobs}")
+    if any(not 0 < n <= N_TRAIN for n in sweep) or sweep_steps < 1:
+        raise UserError(f"training-set sizes of the sweep must be in 1..{N_TRAIN} and its steps at least 1; "
+                        f"got {list(sweep)}, {sweep_steps} steps")
     os.makedirs(out, exist_ok=True)
     t0 = time.monotonic()
     if jobs == 1:
-        per_perm = {p: permutation_results(out, p, num_samples, extra, log) for p in permutations}
-    else:  # permutations are independent: each job runs whole permutations (its own stores, students, evals)
+        per_task = {u: task_results(out, fam, u, num_samples, extra, sweep, sweep_steps, log) for u in tasks}
+    else:  # tasks are independent: each job runs whole tasks (its own stores, students, evals)
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {p: pool.submit(_worker, out, p, num_samples, extra, threads) for p in permutations}
-            per_perm = {p: f.result() for p, f in futures.items()}
+            futures = {u: pool.submit(_worker, out, family, u, num_samples, extra, sweep, sweep_steps, threads)
+                       for u in tasks}
+            per_task = {u: f.result() for u, f in futures.items()}
     minutes = (time.monotonic() - t0) / 60
-    summary = summarise(per_perm)
-    n_queries = num_samples * len(permutations)
-    results = {"permutations": permutations, "num_samples": num_samples, "overrides": list(extra), "jobs": jobs,
-               "cpus": os.cpu_count(), "minutes": round(minutes, 1), "summary": summary, "per_permutation": per_perm}
+    summary = summarise(per_task)
+    results = {"family": family, "tasks": tasks, "labels": {u: fam.label(u) for u in tasks},
+               "num_samples": num_samples, "overrides": list(extra), "sweep_sizes": list(sweep), "sweep_steps": sweep_steps, "jobs": jobs,
+               "cpus": os.cpu_count(), "minutes": round(minutes, 1), "summary": summary, "per_task": per_task}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table(summary, len(permutations), n_queries, minutes))
-    plot(summary, os.path.join(out, "accuracy_vs_k.png"))
+        f.write(table(summary, fam, len(tasks), num_samples * len(tasks), sweep_steps, minutes))
+    plot(summary, fam, os.path.join(out, "accuracy_vs_k.png"))
+    if sweep:
+        plot_sweep(summary, fam, sweep_steps, os.path.join(out, "accuracy_vs_n.png"))
     return results

@@ -1,9 +1,13 @@
-"""The best any MSE-only student can do on a toy-ICL task, measured by activation patching (issue 8).
+"""The best any MSE-only student can do on a toy task, measured by activation patching (issues 8 and 15).
 
 A student sees the query alone, so the lowest L_align it can reach is the teacher's output averaged
-over the demonstrations it cannot see, E[T(query, demos) | query]. On the toy task a query is its
-colour: noise in the images moves the targets by nothing measurable, so that mean is the mean over
-the training queries with the same answer.
+over the demonstrations it cannot see, E[T(query, demos) | query]. Two estimates of that mean:
+- a store with V > 1 views (teacher.views): the mean over each query's own V demonstration draws;
+  needed wherever queries with one answer differ (the attribute family: a "left" square may be any
+  colour, size or level), where the per-answer mean would leak the label;
+- one view: the mean over the training queries with the same answer. On the lookup family a query is
+  its colour, and noise in the images moves the targets by nothing measurable, so those are draws of
+  the same query.
 
 Aligned after self-attention (teacher.capture=attn), replacing every layer's attention output on the
 span fixes the whole residual stream there: the embeddings, the attention outputs, and the MLPs of
@@ -60,9 +64,21 @@ def patched_accuracies(lm, items, images_of, starts: dict[str, int], variants: d
     return {name: 100.0 * h / len(items) for name, h in hits.items()}
 
 
+def mse_optimum(items, answer_of: dict[str, tuple], views: int):
+    """item -> the teacher outputs [span, layers, d] an MSE-only student can best match on its query: the
+    mean over the query's own views (views > 1), or over the training queries with its answer (one view)."""
+    group_of = (lambda it: it.sample_id) if views > 1 else (lambda it: answer_of[it.sample_id])
+    groups: dict = {}
+    for it in items:
+        groups.setdefault(group_of(it), []).append(it.hidden.float())
+    mean_of = {g: torch.stack(hs).mean(0) for g, hs in groups.items()}
+    return lambda it: mean_of[group_of(it)]
+
+
 def run(cfg) -> dict:
-    """Accuracies (%) on the queries of the after-SA store cfg.teacher.store: zero-shot, the teacher's own
-    outputs patched in (≈ k-shot ICL), and the per-answer mean patched in (the MSE-only ceiling)."""
+    """Accuracies (%) on the queries of the after-SA store cfg.teacher.store (view 0 of each): zero-shot, the
+    teacher's own outputs patched in (≈ k-shot ICL), and the mean over demonstration draws patched in (the
+    MSE-only ceiling: over the query's views, or with one view over the queries with the same answer)."""
     manifest = open_manifest(cfg.teacher.store)
     if manifest.fingerprint_fields.get("capture") != "attn":
         raise UserError(f"the MSE ceiling needs a store aligned after self-attention (teacher.capture=attn); "
@@ -76,12 +92,10 @@ def run(cfg) -> dict:
                         "teacher.span=all)")
     starts = {it.sample_id: answer_start(lm, task.kind, samples[it.sample_id]) for it in items}
     answer_of = {it.sample_id: tuple(it.token_ids[starts[it.sample_id]:].tolist()) for it in items}
-    by_answer: dict[tuple, list[torch.Tensor]] = {}
-    for it in items:
-        by_answer.setdefault(answer_of[it.sample_id], []).append(it.hidden.float())
-    mean_of = {a: torch.stack(hs).mean(0) for a, hs in by_answer.items()}
+    optimum = mse_optimum(items, answer_of, manifest.views)
     variants = {"zero_shot": lambda batch: None,
                 "teacher": lambda batch: torch.stack([it.hidden.float() for it in batch]),
-                "ceiling": lambda batch: torch.stack([mean_of[answer_of[it.sample_id]] for it in batch])}
-    accuracies = patched_accuracies(lm, items, lambda sid: samples[sid].load_image(), starts, variants)
-    return {**accuracies, "n": len(items)}
+                "ceiling": lambda batch: torch.stack([optimum(it) for it in batch])}
+    measured = [it for it in items if it.view == 0]  # the other views enter the mean only
+    accuracies = patched_accuracies(lm, measured, lambda sid: samples[sid].load_image(), starts, variants)
+    return {**accuracies, "n": len(measured), "views": manifest.views}

@@ -1,4 +1,4 @@
-"""Pretrain a small Idefics2 from scratch until it learns the toy colour-to-word tasks in context (issue 8).
+"""Pretrain a small Idefics2 from scratch until it learns the toy tasks in context (issues 8 and 15).
 
 The committed model (stages/models/toy_icl, its training.json lists both phases) came from:
 
@@ -9,12 +9,15 @@ The committed model (stages/models/toy_icl, its training.json lists both phases)
 
 The second phase makes the student's sequence ordinary for the model: next-token CE on the template
 tokens too (MimIC's L_gt takes CE on every query token, METHOD.md §4), and half the batches start right
-after BOS without the instruction, as [BOS] + query does.
+after BOS without the instruction, as [BOS] + query does. A third phase (--attr-frac) adds the attribute
+family of stages/tasks/toy_attribute.py, where the demonstrations say which attribute the answer names:
+it extends the tokenizer by that family's answer words (new embedding rows) and mixes its episodes in.
 
 Each episode is the seed Tab. 6 prompt (instruction, then up to 32 demonstrations and a query, built by
 stages.tasks.prompts.build_prompt and tokenized by stages.models.encode.tokenize) of one random
-permutation task (stages/tasks/toy_icl.py); CE on every answer token (and the token after it, "\\n" or
-EOS, so generation stops) trains every k at once, since attention is causal. Two aids from
+permutation task (stages/tasks/toy_icl.py) or, a fraction --attr-frac of them, of one attribute task;
+CE on every answer token (and the token after it, "\\n" or EOS, so generation stops) trains every k at
+once, since attention is causal. Two aids from
 toy_icl_findings.md: the perceiver latents are re-initialised (in build_model) and a fraction of the
 episodes use one fixed "anchor" task.
 
@@ -22,7 +25,8 @@ Deterministic: the batch of step s depends only on (seed, s). Resumable: a check
 step, elapsed time, RNG state) is written every --ckpt-minutes; rerunning the same command continues.
 Training stops at --steps or after --max-minutes of training in all, then saves the model in the
 normal checkpoint format (save_pretrained + processor) to --final. Held-out accuracy at k = 0, 4, 8, 16
-is logged to <out>/log.jsonl every --eval-every steps.
+is logged to <out>/log.jsonl every --eval-every steps, and with the attribute family in the tokenizer
+its accuracy at k = 0, 1, 2, 4, 8, 16 (attr_k*, every task alike).
 """
 from __future__ import annotations
 
@@ -41,13 +45,18 @@ from PIL import Image
 
 from stages.models import LoadedModel, idefics2
 from stages.models.encode import tokenize
+from stages.tasks import toy_attribute as attr
 from stages.tasks.prompts import VQA_INSTRUCTION, build_prompt
 from stages.tasks.sample import Sample
 from stages.tasks.toy_icl import (COLOURS, N_HELD_OUT, QUESTION, WORDS, anchor_permutation, build_model,
                                   draw_pixels, held_out_permutations, jpeg, permutation)
 
 EVAL_KS = (0, 4, 8, 16)
+ATTR_EVAL_KS = (0, 1, 2, 4, 8, 16)
 N_COLOURS = len(COLOURS)
+# Image classes of the pools: lookup colours first, then every attribute combination (toy_attribute).
+ATTR_SHAPE = tuple(len(v) for v in attr.ATTRIBUTES.values())
+N_CLASSES = N_COLOURS + math.prod(ATTR_SHAPE)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,19 +84,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bare-frac", type=float, default=0.0,
                    help="fraction of steps whose episodes start right after BOS, without the instruction "
                         "(the student's and MimIC evaluation's sequence, METHOD.md §4 and §6)")
+    p.add_argument("--attr-frac", type=float, default=0.0,
+                   help="fraction of episodes from the attribute family (stages/tasks/toy_attribute.py); "
+                        "above 0 the tokenizer is extended by that family's answer words")
     return p.parse_args(argv)
 
 
 # Arguments that change what is trained: a resumed run must have the same ones.
 RESUME_KEYS = ("steps", "batch", "k_max", "lr", "warmup", "anchor_frac", "cover_frac", "pool", "seed",
-               "init", "lm_loss", "bare_frac")
+               "init", "lm_loss", "bare_frac", "attr_frac")
 
 
-def pool_images(n_per_colour: int, seed: int) -> list[list[Image.Image]]:
-    """[colour][i]: images that take the data set's path (draw, JPEG, decode): training sees what the pipeline feeds."""
+def pool_images(n_per_class: int, seed: int) -> list[list[Image.Image]]:
+    """[class][i]: images that take the data set's path (draw, JPEG, decode): training sees what the pipeline
+    feeds. Classes 0..7 are the lookup family's colours, then the attribute family's combinations in
+    np.ravel_multi_index order (attr_class)."""
+    def decoded(pixels):
+        return Image.open(io.BytesIO(jpeg(pixels))).convert("RGB")
     rng = np.random.default_rng([seed, 0x1AA6E])
-    return [[Image.open(io.BytesIO(jpeg(draw_pixels(c, rng)))).convert("RGB") for _ in range(n_per_colour)]
-            for c in range(N_COLOURS)]
+    lookup = [[decoded(draw_pixels(c, rng)) for _ in range(n_per_class)] for c in range(N_COLOURS)]
+    rng = np.random.default_rng([seed, 0xA77])  # its own stream: the lookup pools stay what they were
+    combos = [np.unravel_index(i, ATTR_SHAPE) for i in range(N_CLASSES - N_COLOURS)]
+    return lookup + [[decoded(attr.draw_object(tuple(map(int, v)), rng)) for _ in range(n_per_class)] for v in combos]
+
+
+def attr_class(values) -> int:
+    return N_COLOURS + int(np.ravel_multi_index(tuple(values), ATTR_SHAPE))
 
 
 def make_pools(processor, images: list[list[Image.Image]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,62 +126,82 @@ class Episodes:
 
     def __init__(self, lm: LoadedModel):
         self.lm = lm
-        self.word_ids = [lm.tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0] for w in WORDS]
+        self.word_ids = {}  # " word" -> its token, for every answer word that is one token
+        for w in (*WORDS, *attr.ANSWER_WORDS):
+            if len(ids := lm.tokenizer(f" {w}", add_special_tokens=False)["input_ids"]) == 1:
+                self.word_ids[w] = ids[0]
+        assert all(w in self.word_ids for w in WORDS)
+        self.has_attributes = all(w in self.word_ids for w in attr.ANSWER_WORDS)  # after extend_tokenizer
         self.blank = Image.new("RGB", (1, 1))  # tokenize only needs to know where the images are
         self.n_instruction = len(lm.tokenizer(VQA_INSTRUCTION, add_special_tokens=False)["input_ids"])
 
-    def ids(self, words: tuple[int, ...], bare: bool = False) -> tuple[list[int], list[int]]:
-        """ids of the prompt whose items are answered WORDS[w] for w in words (the last one the query, + EOS),
-        and the positions of the answer tokens. bare: without the instruction, the first item right after BOS."""
-        items = [Sample(str(i), "", QUESTION, (WORDS[w],)) for i, w in enumerate(words)]
+    def ids(self, words: tuple[str, ...], bare: bool = False) -> tuple[list[int], list[int]]:
+        """ids of the prompt whose items are answered by words (the last one the query, + EOS), and the
+        positions of the answer tokens. bare: without the instruction, the first item right after BOS."""
+        items = [Sample(str(i), "", QUESTION, (w,)) for i, w in enumerate(words)]
         prompt = build_prompt("vqa", "icl", items[-1], [(s, s.answers[0]) for s in items[:-1]],
                               answer=items[-1].answers[0], load=lambda s: self.blank)
         ids, _ = tokenize(self.lm, prompt)
         if bare:  # the instruction ends in a newline, a token boundary: the items' ids do not change
             ids = ids[:1] + ids[1 + self.n_instruction:]
-        where = [i for i, t in enumerate(ids) if t in self.word_ids]
+        answer_ids = set(self.word_ids.values())
+        where = [i for i, t in enumerate(ids) if t in answer_ids]
         assert [ids[i] for i in where] == [self.word_ids[w] for w in words], (len(where), len(words))
         return ids, where
 
 
-def episode_colours(rng: np.random.Generator, n_items: int, cover: bool) -> np.ndarray:
+def episode_values(rng: np.random.Generator, n_items: int, cover: bool, n_values: int = N_COLOURS) -> np.ndarray:
     if not cover:
-        return rng.integers(0, N_COLOURS, n_items)
-    rounds = [rng.permutation(N_COLOURS) for _ in range(math.ceil(n_items / N_COLOURS))]
+        return rng.integers(0, n_values, n_items)
+    rounds = [rng.permutation(n_values) for _ in range(math.ceil(n_items / n_values))]
     return np.concatenate(rounds)[:n_items]
 
 
-def make_batch(eps: Episodes, pools, perms: list[tuple[int, ...]], colours: np.ndarray, image_idx: np.ndarray,
+def attribute_episode(rng: np.random.Generator, n_items: int, cover: bool, task: int | None = None):
+    """An episode of one attribute task (random unless given): its answer words and image classes."""
+    t = int(rng.integers(0, len(attr.TASKS))) if task is None else task
+    values = [attr.random_values(rng, t, int(v)) for v in episode_values(rng, n_items, cover, ATTR_SHAPE[t])]
+    return tuple(attr.answer(t, v) for v in values), np.array([attr_class(v) for v in values])
+
+
+def make_batch(eps: Episodes, pools, words: list[tuple[str, ...]], classes: np.ndarray, image_idx: np.ndarray,
                bare: bool = False) -> dict:
-    """Model inputs [b, t] and targets for episodes of equal length (every item has the same token count)."""
+    """Model inputs [b, t] and targets for episodes of equal length (every item has the same token count):
+    episode e's items are answered words[e] and show image image_idx[e, i] of pool class classes[e, i]."""
     pixels, mask = pools
     rows, where = [], None
-    for perm, cols in zip(perms, colours):
-        ids, where = eps.ids(tuple(perm[c] for c in cols), bare)
+    for episode in words:
+        ids, where = eps.ids(episode, bare)
         rows.append(ids)
     input_ids = torch.tensor(rows)  # [b, t]
     targets = torch.tensor(where + [w + 1 for w in where])  # answer tokens and the token after each
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "pixel_values": pixels[colours, image_idx],               # [b, n_items, 3, H, W]
-            "pixel_attention_mask": mask[colours, image_idx],         # [b, n_items, H, W]
+            "pixel_values": pixels[classes, image_idx],               # [b, n_items, 3, H, W]
+            "pixel_attention_mask": mask[classes, image_idx],         # [b, n_items, H, W]
             "targets": targets, "n_answers": len(where)}
 
 
 def train_batch(eps, pools, args, step: int, anchor, held_out) -> dict:
     rng = np.random.default_rng([args.seed, 7, step])
+    attr_rng = np.random.default_rng([args.seed, 9, step])  # its own stream: lookup episodes stay what they were
     n_items = args.k_max + 1
-    perms, colours = [], []
+    words, classes = [], []
     for _ in range(args.batch):
         if rng.random() < args.anchor_frac:
             perm = anchor
         else:
             while (perm := tuple(int(i) for i in rng.permutation(N_COLOURS))) in held_out:
                 pass
-        perms.append(perm)
-        colours.append(episode_colours(rng, n_items, rng.random() < args.cover_frac))
+        colours = episode_values(rng, n_items, rng.random() < args.cover_frac)
+        if attr_rng.random() < args.attr_frac:
+            episode_words, episode_classes = attribute_episode(attr_rng, n_items, attr_rng.random() < args.cover_frac)
+        else:
+            episode_words, episode_classes = tuple(WORDS[perm[c]] for c in colours), colours
+        words.append(episode_words)
+        classes.append(episode_classes)
     # Its own stream, so that the first phase's batches stay what they were.
     bare = np.random.default_rng([args.seed, 8, step]).random() < args.bare_frac
-    return make_batch(eps, pools, perms, np.stack(colours), rng.integers(0, args.pool, (args.batch, n_items)), bare)
+    return make_batch(eps, pools, words, np.stack(classes), rng.integers(0, args.pool, (args.batch, n_items)), bare)
 
 
 def loss_of(model, batch, lm_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,27 +224,43 @@ def loss_of(model, batch, lm_loss: bool = False) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
+def query_accuracy(model, eps, pools, words, classes, image_idx) -> float:
+    """Accuracy (full-vocab argmax) on the last item's answer of every episode."""
+    correct = 0
+    for lo in range(0, len(words), 64):
+        batch = make_batch(eps, pools, words[lo:lo + 64], classes[lo:lo + 64], image_idx[lo:lo + 64])
+        q = batch["targets"][batch["n_answers"] - 1: batch["n_answers"]]
+        inputs = {k: v for k, v in batch.items() if k not in ("targets", "n_answers")}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**inputs, logits_to_keep=q - 1).logits[:, 0]  # [b, vocab]
+        correct += (logits.argmax(-1) == batch["input_ids"][:, q[0]]).sum().item()
+    return correct / len(words)
+
+
+@torch.no_grad()
 def evaluate(model, eps, pools, n_episodes: int) -> dict:
-    """Accuracy (full-vocab argmax) on held-out tasks: cover-ordered demos, a query of a uniform colour."""
+    """Held-out accuracy: on held-out permutations (k*), cover-ordered demos and a query of a uniform colour;
+    with the attribute family (attr_k*), fresh images, each task alike, cover-ordered demos."""
     rng = np.random.default_rng([12345, 0])
     perms = [permutation(i % N_HELD_OUT) for i in range(n_episodes)]
-    demo_cols = np.stack([episode_colours(rng, max(EVAL_KS), True) for _ in range(n_episodes)])
+    demo_cols = np.stack([episode_values(rng, max(EVAL_KS), True) for _ in range(n_episodes)])
     query_col = rng.integers(0, N_COLOURS, (n_episodes, 1))
     idx = rng.integers(0, pools[0].shape[1], (n_episodes, max(EVAL_KS) + 1))
     model.eval()
     out = {}
     for k in EVAL_KS:
         cols = np.concatenate([demo_cols[:, :k], query_col], 1)
-        ii = np.concatenate([idx[:, :k], idx[:, -1:]], 1)
-        correct = 0
-        for lo in range(0, n_episodes, 64):
-            batch = make_batch(eps, pools, perms[lo:lo + 64], cols[lo:lo + 64], ii[lo:lo + 64])
-            q = batch["targets"][batch["n_answers"] - 1: batch["n_answers"]]
-            inputs = {k2: v for k2, v in batch.items() if k2 not in ("targets", "n_answers")}
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(**inputs, logits_to_keep=q - 1).logits[:, 0]  # [b, vocab]
-            correct += (logits.argmax(-1) == batch["input_ids"][:, q[0]]).sum().item()
-        out[f"k{k}"] = correct / n_episodes
+        words = [tuple(WORDS[perm[c]] for c in row) for perm, row in zip(perms, cols)]
+        out[f"k{k}"] = query_accuracy(model, eps, pools, words, cols, np.concatenate([idx[:, :k], idx[:, -1:]], 1))
+    if eps.has_attributes:
+        rng = np.random.default_rng([12345, 1])
+        n_items = max(ATTR_EVAL_KS) + 1
+        episodes = [attribute_episode(rng, n_items, True, task=i % len(attr.TASKS)) for i in range(n_episodes)]
+        idx = rng.integers(0, pools[0].shape[1], (n_episodes, n_items))
+        for k in ATTR_EVAL_KS:
+            keep = [*range(k), n_items - 1]  # the first k as demonstrations, the last as the query
+            out[f"attr_k{k}"] = query_accuracy(model, eps, pools, [tuple(w[i] for i in keep) for w, _ in episodes],
+                                               np.stack([c[keep] for _, c in episodes]), idx[:, keep])
     model.train()
     return out
 
@@ -255,6 +313,10 @@ def main(argv=None) -> None:
         with open(os.path.join(args.init, "training.json")) as f:
             summary = json.load(f)
         previous = summary.get("phases", [summary])
+    if args.attr_frac > 0:  # new tokens, new embedding rows (mean-initialised, drawn from the seeded RNG)
+        processor.tokenizer = attr.extend_tokenizer(processor.tokenizer)
+        if model.get_input_embeddings().num_embeddings < len(processor.tokenizer):
+            model.resize_token_embeddings(len(processor.tokenizer))
     idefics2.prepare_processor(processor)
     lm = LoadedModel("idefics2", idefics2, model, processor, args.final)
     eps = Episodes(lm)

@@ -1,7 +1,9 @@
-"""Stage two: train MimIC heads against a teacher store with DeepSpeed ZeRO (METHOD.md §4).
+"""Stage two: train a method (MimIC heads by default) against a teacher store with DeepSpeed ZeRO (METHOD.md §4–5).
 
 The student never builds a k-shot sequence: its input is [BOS] + the stored span ids with the
-query's image, so its memory and step time do not depend on k.
+query's image, so its memory and step time do not depend on k. As torchtune's recipes, `run` is
+setup (store, model with the method's parts, optimizer, resume), one training loop, and save; what
+differs between methods (what they add, train and save, which losses they take) is in stages/methods.
 """
 from __future__ import annotations
 
@@ -14,16 +16,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stages.card import write_card
 from stages.dist import rank_and_world
 from stages.errors import UserError
 from stages.models import load_model
 from stages.models.encode import inputs_from_spans, tokenize
-from stages.models.heads import attach, build_heads, save_heads
+from stages.models.provenance import base_model
+from stages.methods import METHODS, save_artifact
 from stages.progress import progress
 from stages.tasks import get_task
 from stages.tasks.pools import query_split, training_queries
 from stages.tasks.prompts import build_prompt
 from stages.teacher import fingerprint_fields
+from storage import layout
 from storage.errors import StoreMismatch
 from storage.reader import TargetReader
 
@@ -32,7 +37,8 @@ if TYPE_CHECKING:
 
 
 class Student(torch.nn.Module):
-    """The frozen base and the heads in one module, so DeepSpeed sees the heads as its parameters.
+    """The frozen base and the heads (or None: LoRA lives inside the base) in one module, so DeepSpeed sees
+    every trained parameter as its own.
 
     forward returns the logits and each decoder layer's MLP (or attention) output, captured by hooks.
     """
@@ -96,12 +102,19 @@ def answer_start(lm, kind: str, query) -> int:
     return len(ids) - start
 
 
+def layer_mse(hidden_btld, target_btld, span_mask_bt) -> torch.Tensor:
+    """L_align of each layer [l]: the MSE over span tokens and dims (their mean over layers is L_align)."""
+    sq = (hidden_btld.float() - target_btld.float()).pow(2) * span_mask_bt[:, :, None, None]
+    return sq.sum(dim=(0, 1, 3)) / (span_mask_bt.sum() * hidden_btld.shape[3])
+
+
 @torch.no_grad()
 def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: int = 4) -> dict:
-    """Mean L_align and L_gt of the model with `heads` attached, over store items (e.g. held-out queries)."""
+    """Mean L_align (also per layer) and L_gt of the model with `heads` attached, over store items (e.g.
+    held-out queries)."""
     model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), capture)
     device = next(lm.model.parameters()).device
-    sums, n = torch.zeros(2), 0
+    sums, per_layer, n = torch.zeros(2), 0.0, 0
     for lo in range(0, len(items), batch_size):
         batch = items[lo: lo + batch_size]
         inputs, target, span_mask, ce_mask = make_batch(lm, batch, [[images_of(it.sample_id)] for it in batch],
@@ -109,16 +122,18 @@ def align_loss(lm, heads, items, images_of, capture: str = "ffn", batch_size: in
         logits, hidden = model(**inputs)
         l_align, l_gt = losses(logits, hidden, target, span_mask, ce_mask, inputs["input_ids"])
         sums += torch.tensor([l_align.item(), l_gt.item()]) * len(batch)
+        per_layer = per_layer + layer_mse(hidden, target, span_mask).cpu().double() * len(batch)
         n += len(batch)
     model.remove_hooks()
-    return {"l_align": (sums[0] / n).item(), "l_gt": (sums[1] / n).item(), "n": n}
+    return {"l_align": (sums[0] / n).item(), "l_gt": (sums[1] / n).item(), "n": n,
+            "l_align_per_layer": (per_layer / n).tolist()}
 
 
 # The teacher's settings that a store records and the student takes from it (shots, sampler, seed, span,
 # capture and exclude_same_image in its fingerprint, views in its manifest): they shape the targets, not
 # what the student builds. Every other fingerprint field (model, dtype, prompt, task, split, task_seed,
 # answer, support, ...) the student's own config determines, so the store must match it.
-TEACHER_ONLY = ("shots", "sampler", "seed", "span", "capture", "exclude_same_image", "views")
+TEACHER_ONLY = ("shots", "sampler", "seed", "span", "capture", "exclude_same_image", "logits", "views")
 
 
 def _mismatch(store: str, lines: list[str], shots: int, also: str = "") -> StoreMismatch:
@@ -152,6 +167,9 @@ def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[st
         raise _mismatch(store, lines, shots)
 
 
+_PORT_OWNER = "MIMIC_MASTER_PORT_PID"  # the process that chose MASTER_PORT for its one-process group
+
+
 def _init_distributed(rank: int, world: int):
     import deepspeed
     if world > 1:  # srun or an Indexed Job name the rank their own way; DeepSpeed reads RANK/WORLD_SIZE
@@ -166,26 +184,29 @@ def _init_distributed(rank: int, world: int):
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
+        # A port this function chose in a parent process is held by the parent's group, and a child (a test's
+        # subprocess, an experiment's worker) inherits the variable: choose again unless it is ours or a launcher's.
+        if "MASTER_PORT" not in os.environ or os.environ.get(_PORT_OWNER, str(os.getpid())) != str(os.getpid()):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ[_PORT_OWNER] = str(os.getpid())
     if not torch.cuda.is_available():
         # gloo does the collectives on CPU; skip the 30 s JIT build of the shm op (cpu_setup.md §3.1).
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _fp32_master(heads):
-    """The heads with DeepSpeed's fp32 master weights: under bf16/fp16 the module holds a rounded copy."""
+def _master_state(part) -> dict[str, torch.Tensor]:
+    """A part's trainable parameters by name, as DeepSpeed's fp32 master weights: under bf16/fp16 the module
+    holds a rounded copy. A collective under ZeRO: every rank takes part."""
     from deepspeed.utils import safe_get_full_fp32_param
-    n_layers, n_heads, head_dim = heads.shift_lhd.shape
-    master = build_heads(n_layers, n_heads, head_dim, heads.masked_log_z2)
-    with torch.no_grad():
-        for p, q in zip(heads.parameters(), master.parameters()):
+    state = {}
+    for name, p in part.named_parameters():
+        if p.requires_grad:
             hp = safe_get_full_fp32_param(p)
-            q.copy_((p if hp is None else hp).float().cpu())
-    return master
+            state[name] = (p if hp is None else hp).detach().float().cpu().clone()
+    return state
 
 
 def _schedule(optimizer, total_steps: int, warmup_ratio: float):
@@ -275,16 +296,22 @@ def _load_checkpoint(engine, ckpt_dpath: str, tag: str) -> dict:
     return client
 
 
-def _stop_if_not_finite(record: dict, heads, step: int, ckpt_dpath: str, bar) -> None:
-    """Stop before a NaN or inf reaches the log, a checkpoint or the heads, so the last checkpoint stays a good one.
+PART_NAMES = {"heads": "the heads'", "lora": "the LoRA", "live": "LIVE's"}
+
+
+def _stop_if_not_finite(record: dict, parts: dict, step: int, ckpt_dpath: str, bar) -> None:
+    """Stop before a NaN or inf reaches the log, a checkpoint or the trained weights, so the last checkpoint stays
+    a good one.
 
     The losses are already summed over ranks and every rank holds the whole heads, so all ranks stop together.
     """
     bad = [f"{name} {value}" for name, value in record.items() if not math.isfinite(value)]
-    if not bad and all(torch.isfinite(p).all() for p in heads.parameters()):
+    broken = [name for name, part in parts.items()
+              if not all(torch.isfinite(p).all() for p in part.parameters() if p.requires_grad)]
+    if not bad and not broken:
         return
     what = (f"the loss is not finite ({', '.join(bad)})" if bad else
-            f"the heads' weights are not finite after the update (loss {record['loss']:.4g})")
+            f"{PART_NAMES[broken[0]]} weights are not finite after the update (loss {record['loss']:.4g})")
     pointer = os.path.join(ckpt_dpath, COMPLETE)
     kept = (f"the last good checkpoint ({open(pointer).read().strip()} in {ckpt_dpath}) is kept"
             if os.path.isfile(pointer) else "no checkpoint was saved")
@@ -292,8 +319,35 @@ def _stop_if_not_finite(record: dict, heads, step: int, ckpt_dpath: str, bar) ->
     raise UserError(f"student stopped at step {step}: {what}; {kept}; lower student.lr, or check the store's targets")
 
 
-def run(cfg: "Config") -> str:
+def _tensorboard(out: str, step: int):
+    """A TensorBoard writer into OUT/tensorboard; a resumed run hides the events it redoes (purge_step)."""
+    from torch.utils.tensorboard import SummaryWriter  # the optional tensorboard package
+    return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=step or None)
+
+
+def _setup_model(cfg: "Config", lm, method) -> tuple[dict, Student]:
+    """The method's parts on the model (seeded: their initialisation), and the module DeepSpeed trains."""
+    torch.manual_seed(cfg.student.seed)
+    parts = method.add(lm, cfg.student)
+    # A part outside the model (MimIC heads, LIVE's vectors) is the Student's submodule, so DeepSpeed trains it.
+    outside = parts.get("heads", parts.get("live"))
+    return parts, Student(lm.model, outside, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
+
+
+def _setup_optimizer(cfg: "Config", model, groups: list[dict], total: int, micro: int, accumulation: int,
+                     n_head_params: int):
+    """DeepSpeed's engine over AdamW with the method's parameter groups (each with its lr), and the schedule."""
     import deepspeed
+    s = cfg.student
+    optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for g in groups for p in g["params"]], optimizer=optimizer,
+        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio),
+        config=ds_config(s, micro, accumulation, cfg.model.dtype, n_head_params))
+    return engine, scheduler
+
+
+def run(cfg: "Config") -> str:
     s, tc = cfg.student, cfg.task
     rank, world = rank_and_world()
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
@@ -301,30 +355,31 @@ def run(cfg: "Config") -> str:
     queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     by_id = {q.id: q for q in queries}
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
-    reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer)
+    # Each rank reads only its own part of every global step (the same items whatever the world size).
+    reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer,
+                          rank=rank, world_size=world, batch=s.global_batch)
     check_store(reader, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), cfg.teacher.store,
                 cfg.teacher.shots)
+    if "kl" in METHODS[s.method].LOSSES and layout.logits_setting(reader.manifest) is None:
+        raise UserError(f"method {s.method} trains on the teacher's answer-token logits, and store {cfg.teacher.store} "
+                        f"has none; make a store with them: `pipeline run teacher --shots {cfg.teacher.shots} "
+                        "--store NEW_PATH --set teacher.logits=topk:64` (same config), and point --store at it")
 
     _init_distributed(rank, world)
-    torch.manual_seed(s.seed)
-    dims = lm.dims
-    heads = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, masked_log_z2=s.log_z2 == "masked")
-    attach(lm, heads)
-    model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
-    n_params = sum(p.numel() for p in heads.parameters())
+    method = METHODS[s.method]
+    parts, model = _setup_model(cfg, lm, method)
+    groups = method.param_groups(parts, s)
+    n_params = {name: sum(p.numel() for p in part.parameters() if p.requires_grad) for name, part in parts.items()}
     epochs = epochs_for(s, len(reader))
     steps_per_epoch = len(reader) // s.global_batch
     if steps_per_epoch == 0:
         raise UserError(f"the store holds {len(reader)} items, fewer than one global batch of {s.global_batch}")
     total = epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=list(heads.parameters()), optimizer=optimizer,
-        lr_scheduler=_schedule(optimizer, total, s.warmup_ratio), config=ds_config(s, micro, accumulation, cfg.model.dtype, n_params))
+    engine, scheduler = _setup_optimizer(cfg, model, groups, total, micro, accumulation, n_params.get("heads", n_params.get("live", 0)))
 
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
     # What a resumed run must share with the run it continues (the data order and schedule depend on it).
-    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("out", "save_every")}
+    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("out", "save_every", "log")}
     os.makedirs(s.out, exist_ok=True)
     step = 0
     if os.path.isfile(os.path.join(ckpt_dpath, COMPLETE)):
@@ -349,39 +404,49 @@ def run(cfg: "Config") -> str:
     if rank == 0:
         with open(os.path.join(s.out, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-        print(f"student: {n_params:,} trainable parameters (MimIC heads: {dims.n_layers} layers x {dims.n_heads} heads "
-              f"x (2 x {dims.head_dim} + 1)); {epochs} epochs x {steps_per_epoch} steps, global batch "
-              f"{s.global_batch} = {micro} x {accumulation} accumulation x {world} ranks")
+        print(f"student: {sum(n_params.values()):,} trainable parameters ({s.method}: "
+              f"{', '.join(f'{name} {n:,}' for name, n in n_params.items())}); {epochs} epochs x {steps_per_epoch} "
+              f"steps, global batch {s.global_batch} = {micro} x {accumulation} accumulation x {world} ranks")
     # query id -> index in the span where the answer starts (for ce_on = answer)
     answer_starts = {q.id: answer_start(lm, task.kind, q) for q in queries} if s.ce_on == "answer" else {}
 
+    weights = {"align": s.w_align, "gt": s.w_ce, "kl": 1.0}  # per loss the method takes
+    logged = ("align", "gt", *(name for name in method.LOSSES if name not in ("align", "gt")))  # l_align, l_gt always
     log = open(log_fpath, "a") if rank == 0 else None
+    tb = _tensorboard(s.out, step) if rank == 0 and s.log == "tensorboard" else None
     bar = progress(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
     per_rank = s.global_batch // world
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
         items = reader.epoch(epoch, start=done * s.global_batch)
         for _ in range(steps_per_epoch - done):
-            batch = [next(items) for _ in range(s.global_batch)][rank * per_rank:(rank + 1) * per_rank]
-            sums = torch.zeros(3, device=engine.device)  # NCCL reduces only accelerator tensors
+            torch.manual_seed(s.seed * 1_000_003 + step)  # LoRA's dropout masks: a resumed run draws the same ones
+            batch = [next(items) for _ in range(per_rank)]
+            sums = torch.zeros(1 + len(logged), device=engine.device)  # NCCL reduces only accelerator tensors
             for m0 in range(0, per_rank, micro):
                 micro_items = batch[m0: m0 + micro]
                 images = [[by_id[it.sample_id].load_image()] for it in micro_items]
                 inputs, target, span_mask, ce_mask = make_batch(lm, micro_items, images, answer_starts, engine.device)
                 logits, hidden = engine(**inputs)
                 l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
-                loss = s.w_align * l_align + s.w_ce * l_gt
+                terms = {"align": l_align, "gt": l_gt}
+                if "kl" in method.LOSSES:
+                    terms["kl"] = method.kl_loss(logits, micro_items)
+                loss = sum(weights[name] * terms[name] for name in method.LOSSES)
                 engine.backward(loss)
                 engine.step()
-                sums += torch.stack([loss.detach(), l_align.detach(), l_gt.detach()]).float()
+                sums += torch.stack([loss.detach(), *(terms[name].detach() for name in logged)]).float()
             step += 1
             if world > 1:
                 torch.distributed.all_reduce(sums)
-            record = dict(zip(("loss", "l_align", "l_gt"), (sums / (accumulation * world)).tolist()))
-            _stop_if_not_finite(record, heads, step, ckpt_dpath, bar)
+            record = dict(zip(("loss", *(f"l_{name}" for name in logged)), (sums / (accumulation * world)).tolist()))
+            _stop_if_not_finite(record, parts, step, ckpt_dpath, bar)
             if log:
                 log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0]}) + "\n")
                 log.flush()
+            if tb:
+                for name, value in {**record, "lr": scheduler.get_last_lr()[0]}.items():
+                    tb.add_scalar(f"student/{name}", value, step)
             # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
             bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}", refresh=False)
             bar.update(1)
@@ -389,9 +454,14 @@ def run(cfg: "Config") -> str:
                 _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict(),
                                                             "training": training}, rank)
     bar.close()
-    master = _fp32_master(heads)  # a collective under ZeRO: every rank takes part
+    if tb:
+        tb.close()
+    state = {name: _master_state(part) for name, part in parts.items()}  # a collective under ZeRO
     if rank == 0:
-        save_heads(master, os.path.join(s.out, "heads"), {"family": lm.family, "model": lm.identity()["name"],
-                                                         "store_fingerprint": reader.manifest.fingerprint})
-        print(f"heads written to {os.path.join(s.out, 'heads')}")
+        save_artifact(s.method, parts, state, s.out, {"family": lm.family, "model": lm.identity()["name"],
+                                                      "base_model": base_model(lm, cfg.model.path),
+                                                      "train_queries": len(reader),
+                                                      "store_fingerprint": reader.manifest.fingerprint})
+        write_card(s.out)
+        print(f"{s.method} written to {s.out} ({', '.join(parts)}), with its model card README.md")
     return s.out

@@ -24,7 +24,7 @@ from stages.tasks.pools import icd_pool, query_split, same_picture, support_set,
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
 from stages.tasks.sampler import sample_icds
 from storage.manifest import FORMAT_VERSION, Manifest, creation_stamp, shard_owner
-from storage.writer import Item, open_for_write
+from storage.writer import Item, Logits, open_for_write
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -47,18 +47,28 @@ def fingerprint_fields(cfg: "Config", lm: LoadedModel | None, kind: str) -> dict
     """
     t, task = cfg.teacher, cfg.task
     model = lm.identity() if lm is not None else f"<read at load from {cfg.model.path}>"
+    split_by = get_task(task.name).split_by
+    # a task without a training split: which of its one labelled set train (the first N of task.seed's shuffle)
+    one_set = {"one_set": {"split_by": split_by, "num_queries": task.num_queries}} if split_by else {}
     return {"model": model, "dtype": cfg.model.dtype,
             "prompt": {"template": PROMPT_TEMPLATE, "instruction": instruction(kind, "icl")},
             "task": task.name, "split": query_split(task), "task_seed": task.seed, "answer": task.answer,
             "support": task.support, "shots": t.shots, "sampler": t.sampler, "seed": t.seed, "span": t.span,
-            "capture": t.capture, **({"exclude_same_image": True} if t.exclude_same_image else {})}
+            "capture": t.capture, **({"exclude_same_image": True} if t.exclude_same_image else {}),
+            **({"logits": t.logits} if t.logits != "off" else {}), **one_set}
+
+
+def store_dtype(cfg: "Config") -> str:
+    """The dtype of the stored targets (the manifest's dtype, so in the fingerprint): teacher.store_dtype,
+    by default the model's. The model's outputs are rounded to it (PROTOCOL.md, What the values are)."""
+    return cfg.teacher.store_dtype or cfg.model.dtype
 
 
 def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
     import deepspeed
+    if store_dtype(cfg) == "float64":
+        raise UserError("the teacher stores float32, bfloat16 or float16 targets; set teacher.store_dtype to one of these")
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
-    if cfg.model.dtype == "float64":
-        raise UserError("the teacher stores float32, bfloat16 or float16 targets; set model.dtype to one of these")
     if torch.cuda.is_available():  # init_inference puts the model on the current device: this rank's own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
     # Data parallel only: each rank holds the whole model (tp_size 1), so no process group is needed.
@@ -86,6 +96,18 @@ class SpanCapture:
 
     def stacked(self) -> torch.Tensor:
         return torch.stack(self.outputs, dim=2)  # [b, keep, l, d]
+
+
+def answer_logits(logits_tv: torch.Tensor, answer_start: int, setting: str, dtype: torch.dtype) -> Logits:
+    """A span's logits [n, vocab] -> the teacher's distributions at its answer positions (PROTOCOL.md, "Reserved:
+    logits"): the positions answer_start - 1 ... n - 2, whose next token is an answer token or the EOS."""
+    pos = np.arange(answer_start - 1, logits_tv.shape[0] - 1, dtype=np.int32)
+    rows = logits_tv[answer_start - 1: -1].float()
+    lse = torch.logsumexp(rows, dim=-1).cpu().numpy()
+    if setting == "full":
+        return Logits(pos, rows.to(dtype).cpu(), lse)
+    top = rows.topk(int(setting.split(":")[1]), dim=-1)  # sorted, largest first
+    return Logits(pos, top.values.to(dtype).cpu(), lse, top.indices.to(torch.int32).cpu().numpy())
 
 
 def _largest_k_that_fits(n_tokens: int, n_span: int, shots: int, max_len: int) -> int:
@@ -127,9 +149,10 @@ def _rows(keep_if, *columns):
     return tuple([col[i] for i in kept] for col in columns)
 
 
-def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, skipped: dict[str, str]):
-    """One forward of a batch of k-shot prompts: per prompt (span ids int32 [n], hidden [n or kept, l, d], keep),
-    or None for a prompt longer than the model's context (refused, never truncated: METHOD.md §3)."""
+def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, skipped: dict[str, str], answer_starts):
+    """One forward of a batch of k-shot prompts: per prompt (span ids int32 [n], hidden [n or kept, l, d], keep,
+    logits at the answer positions or None), or None for a prompt longer than the model's context (refused, never
+    truncated: METHOD.md §3). answer_starts: per prompt, where its answer starts in its span (with teacher.logits)."""
     if not prompts:
         return []
     enc = encode(lm, prompts)
@@ -147,15 +170,18 @@ def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, s
     capture.keep = max(enc.span_lens)
     device = next(lm.model.parameters()).device  # init_inference moved the model; the engine does not move inputs
     with torch.inference_mode():
-        engine(**{k: v.to(device) for k, v in enc.inputs.items()})
+        logits_btv = engine(**{k: v.to(device) for k, v in enc.inputs.items()}).logits
     hidden_bkld = capture.stacked()
+    store_dtype = hidden_bkld.dtype if t.store_dtype == "" else getattr(torch, t.store_dtype)
     for i, (row, n) in enumerate(zip(rows, enc.span_lens)):
         span_ids = np.asarray(enc.span_ids[i], dtype=np.int32)
         hidden_tld, keep = hidden_bkld[i, -n:], None
         if t.span == "text":  # the image tokens' rows are left out
             keep = text_mask(lm, span_ids)
             hidden_tld = hidden_tld[torch.as_tensor(keep, device=hidden_tld.device)]
-        out[row] = (span_ids, hidden_tld, keep)
+        logits = (answer_logits(logits_btv[i, -n:], answer_starts[row], t.logits, store_dtype)
+                  if t.logits != "off" else None)
+        out[row] = (span_ids, hidden_tld, keep, logits)
     return out
 
 
@@ -175,7 +201,7 @@ def run(cfg: "Config") -> str:
     lm, engine = _load_teacher(cfg)
     dims = lm.dims
     manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
-                        t.views, t.shard_size, dims.n_layers, dims.d_model, cfg.model.dtype,
+                        t.views, t.shard_size, dims.n_layers, dims.d_model, store_dtype(cfg),
                         **creation_stamp())  # kept by the rank that creates the store; volatile
     writer = open_for_write(t.store, manifest)
     published = writer.published()
@@ -189,6 +215,9 @@ def run(cfg: "Config") -> str:
                             answer=reference_answer(q, tc.answer), load=lambda s: load_image(s.id))
     max_len = getattr(lm.model.config.get_text_config(), "max_position_embeddings", None)
     capture = SpanCapture(lm.adapter.decoder_layers(lm.model), t.capture)
+    if t.logits != "off":
+        from stages.student import answer_start  # (stages.student imports this module)
+        answer_starts = {q.id: answer_start(lm, task.kind, q) for q in queries}
 
     # Each finished shard is written by a background thread while the next shard's forwards run,
     # so the store costs the teacher almost nothing (BENCHMARKS.md, P1). Leaving the `with` waits for
@@ -205,10 +234,11 @@ def run(cfg: "Config") -> str:
                                        answers=support_answers, exclude=same_picture_ids(q)) for q, v in batch]
                 prompts = _prompts(build, batch, icd_ids, t.on_bad_sample, skipped)
                 batch, icd_ids, prompts = _rows(prompts, batch, icd_ids, prompts)
-                targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped)
+                targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped,
+                                   [answer_starts[q.id] for q, _ in batch] if t.logits != "off" else None)
                 batch, icd_ids, targets = _rows(targets, batch, icd_ids, targets)
-                items += [Item(q.id, v, span_ids, hidden_tld, tuple(ids), keep)
-                          for (q, v), ids, (span_ids, hidden_tld, keep) in zip(batch, icd_ids, targets)]
+                items += [Item(q.id, v, span_ids, hidden_tld.to(getattr(torch, manifest.dtype)), tuple(ids), keep, logits)
+                          for (q, v), ids, (span_ids, hidden_tld, keep, logits) in zip(batch, icd_ids, targets)]
             items = [it for it in items if it.sample_id not in skipped]  # a query refused at a later view
             if pending is not None:
                 pending.result()  # one shard in flight at most; a write error surfaces here

@@ -73,7 +73,7 @@ def verify(url: str) -> list[str]:
 
 
 def content_digest(fingerprint: str, markers: dict[int, layout.Marker]) -> str:
-    """sha256 over the manifest fingerprint and each published shard's checksums and skipped ids:
+    """sha256 over the manifest fingerprint and each published shard's CRC-32s and skipped ids:
     two stores with equal digests (and no verify problems) hold identical targets."""
-    shards = {str(s): {"sha256": mk.sha256, "skipped": mk.skipped} for s, mk in markers.items()}
+    shards = {str(s): {"crc32": mk.crc32, "skipped": mk.skipped} for s, mk in markers.items()}
     return hashlib.sha256(canonical_json({"fingerprint": fingerprint, "shards": shards})).hexdigest()

@@ -4,9 +4,9 @@ Shared by the writer, the reader and `inspection`; it needs numpy and zarr but n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +19,34 @@ MANIFEST = "manifest.json"
 PUBLISHED = "published"     # one marker per published shard: published/000012.json
 SHARDS = "shards"           # one data directory per write attempt: shards/000012-<16 hex>/
 ARRAYS = ("hidden", "offsets", "token_ids", "keep", "sample_ids", "icd_offsets", "icd_ids")
+# The optional teacher logits that LIVE trains on (PROTOCOL.md, "Reserved: logits"): a shard has them exactly
+# when the manifest's fingerprint_fields.logits is topk:K (all five) or full (all but logit_ids).
+RESERVED = ("logit_offsets", "logit_pos", "logit_ids", "logits", "logit_lse")
+DIMS = {"hidden": ("row", "layer", "hidden"), "offsets": ("item_edge",), "token_ids": ("token",), "keep": ("token",),
+        "sample_ids": ("item",), "icd_offsets": ("item_edge",), "icd_ids": ("icd",),
+        "logit_offsets": ("item_edge",), "logit_pos": ("logit_row",), "logit_ids": ("logit_row", "logit_k"),
+        "logits": ("logit_row", "logit_k"), "logit_lse": ("logit_row",)}
 # Stored numpy dtype per manifest dtype; bfloat16 has no zarr/numpy dtype, so its raw bit pattern
 # is stored as little-endian uint16 (bit-exact, and readable by anything that can reinterpret bits).
 STORED_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 _MARKER_NAME = re.compile(r"^(\d{6,})\.json$")
 _DATA_NAME = re.compile(r"^(\d{6,})-[0-9a-f]{16}$")
+
+
+def logits_setting(manifest: Manifest) -> tuple[str, int | None] | None:
+    """The store's teacher logits: ("topk", K), ("full", None), or None when it holds none."""
+    value = manifest.fingerprint_fields.get("logits")
+    if value == "full":
+        return "full", None
+    if isinstance(value, str) and value.startswith("topk:") and value[5:].isdigit():
+        return "topk", int(value[5:])
+    return None
+
+
+def logit_arrays(manifest: Manifest) -> tuple[str, ...]:
+    """The reserved arrays every shard of this store has (none without logits)."""
+    setting = logits_setting(manifest)
+    return () if setting is None else tuple(n for n in RESERVED if n != "logit_ids" or setting[0] == "topk")
 
 
 def shard_name(shard: int) -> str:
@@ -53,8 +76,9 @@ def read_manifest(root: Root) -> Manifest:
         raise StoreError(f"store format version {version} is newer than this reader ({FORMAT_VERSION}); "
                          f"upgrade mimic-pipeline to read {root.url}")
     if version < FORMAT_VERSION:
+        shots = (json.loads(raw).get("fingerprint_fields") or {}).get("shots", "K")
         raise StoreError(f"store {root.url} has format version {version}, this reader reads {FORMAT_VERSION} only; "
-                         "rebuild it with `pipeline run teacher` into a new path")
+                         f"rebuild it with `pipeline run teacher --shots {shots} --store NEW_PATH` and the config that made it")
     try:
         return Manifest.from_json(raw.decode("utf-8"))
     except StoreError as e:
@@ -69,7 +93,7 @@ class Marker:
     shard: shard index. fingerprint: the manifest fingerprint it was written under.
     data: data directory relative to the root ("shards/000012-9f0c..."); volatile (random suffix).
     tokens: total span tokens in the shard. skipped: query id -> reason, for queries left out.
-    sha256: array name -> hex digest of its canonical bytes.
+    crc32: array name -> CRC-32 (zlib's) of its canonical bytes, 8 lowercase hex digits.
     """
 
     shard: int
@@ -77,7 +101,7 @@ class Marker:
     data: str
     tokens: int
     skipped: dict
-    sha256: dict
+    crc32: dict
 
     def to_json(self) -> bytes:
         return canonical_json(self.__dict__) + b"\n"
@@ -90,8 +114,8 @@ class Marker:
         except (ValueError, TypeError) as e:
             raise StoreError(f"{where} is not a valid shard marker ({e}); delete it to rewrite that shard") from None
         check_data_rel(marker.data, where)
-        if (not isinstance(marker.skipped, dict) or not isinstance(marker.sha256, dict)
-                or set(marker.sha256) != set(ARRAYS) or not isinstance(marker.tokens, int)):
+        if (not isinstance(marker.skipped, dict) or not isinstance(marker.crc32, dict)
+                or not set(ARRAYS) <= set(marker.crc32) <= set(ARRAYS + RESERVED) or not isinstance(marker.tokens, int)):
             raise StoreError(f"{where} is not a valid shard marker; delete it to rewrite that shard")
         return marker
 
@@ -148,51 +172,197 @@ def kept_queries(manifest: Manifest, shard: int, skipped) -> list[str]:
     return [q for q in manifest.query_ids[lo:hi] if q not in skipped]
 
 
-def checksum(values: np.ndarray) -> str:
-    """sha256 of an array's canonical bytes: C-order little-endian values, or for string arrays
-    the canonical JSON list of the strings."""
-    if values.dtype.kind in "OTU":
-        return hashlib.sha256(canonical_json([str(v) for v in values.tolist()])).hexdigest()
-    if values.size == 0:  # memoryview cannot cast an empty array (a shard whose queries were all skipped)
-        return hashlib.sha256(b"").hexdigest()
-    # A memoryview hashes the buffer in place: tobytes() would copy the whole shard first.
-    return hashlib.sha256(memoryview(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))).cast("B")).hexdigest()
+class Rows:
+    """`hidden` as the items' blocks of rows, in order, never concatenated: the writer writes them one
+    after the other into the chunk file, since copying a shard costs about as much as writing it."""
+
+    def __init__(self, blocks: list[np.ndarray], row_shape: tuple[int, ...], dtype):
+        self.blocks, self.dtype = blocks, np.dtype(dtype)
+        self.shape = (sum(len(b) for b in blocks), *row_shape)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
 
 
-def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray], value_dtype: str) -> None:
-    """Create the zarr group `rel` with one whole-array chunk per array, uncompressed.
+def _le_bytes(values: np.ndarray) -> list[memoryview]:
+    """An array's (or Rows') C-order little-endian bytes, as buffers without a copy."""
+    blocks = values.blocks if isinstance(values, Rows) else [values]
+    # memoryview cannot cast an empty array (a shard whose queries were all skipped)
+    return [memoryview(np.ascontiguousarray(b, dtype=b.dtype.newbyteorder("<"))).cast("B") for b in blocks if b.size]
 
-    One chunk per array per shard: a shard is written in one go (piece-wise writes are ~7x slower,
-    notes/cpu_setup.md §4) and fp16 activations barely compress.
+
+def checksum(values: np.ndarray | Rows) -> str:
+    """CRC-32 (zlib.crc32, the IEEE polynomial) of an array's canonical bytes: C-order little-endian
+    values, or for string arrays the canonical JSON list of the strings; 8 lowercase hex digits.
+
+    CRC-32 rather than sha256: it guards against torn or flipped bytes, the failures a store meets,
+    at 2-3x sha256's speed with no copy (BENCHMARKS.md, P4); nobody forges a target store.
     """
-    group = root.open_group(rel, mode="w-")
-    dims = {"hidden": ("row", "layer", "hidden"), "offsets": ("item_edge",), "token_ids": ("token",), "keep": ("token",),
-            "sample_ids": ("item",), "icd_offsets": ("item_edge",), "icd_ids": ("icd",)}
-    for name in ARRAYS:
+    if values.dtype.kind in "OTU":
+        return f"{zlib.crc32(canonical_json([str(v) for v in values.tolist()])):08x}"
+    crc = 0
+    for part in _le_bytes(values):
+        crc = zlib.crc32(part, crc)
+    return f"{crc:08x}"
+
+
+def chunk_rel(name: str, ndim: int) -> str:
+    """The one chunk file of an array, relative to its shard's data directory: chunk key encoding v2
+    with "." (hidden/0.0.0, offsets/0), so that it sits next to the array's zarr.json."""
+    return f"{name}/{'.'.join('0' * ndim)}"
+
+
+def _array_json(name: str, shape: tuple[int, ...], dtype, value_dtype: str) -> bytes:
+    """The zarr.json of one shard array (Zarr v3, one uncompressed chunk), as zarr 3 writes it."""
+    is_str = dtype.kind in "OTU"
+    codec = {"name": "vlen-utf8", "configuration": {}} if is_str else {"name": "bytes", "configuration": {"endian": "little"}}
+    meta = {"zarr_format": 3, "node_type": "array", "shape": list(shape),
+            "data_type": "string" if is_str else np.dtype(dtype).name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, n) for n in shape]}},
+            "chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}},
+            "fill_value": "" if is_str else 0, "codecs": [codec],
+            "attributes": {"value_dtype": value_dtype} if name in ("hidden", "logits") else {},
+            "dimension_names": list(DIMS[name]), "storage_transformers": []}
+    return json.dumps(meta, indent=1).encode("utf-8")
+
+
+def _vlen_utf8(values: np.ndarray) -> bytes:
+    """Zarr's vlen-utf8 chunk encoding: uint32 count, then per string its uint32 byte length and UTF-8 bytes."""
+    encoded = [str(v).encode("utf-8") for v in values.tolist()]
+    parts = [len(encoded).to_bytes(4, "little")]
+    for e in encoded:
+        parts += [len(e).to_bytes(4, "little"), e]
+    return b"".join(parts)
+
+
+def _from_vlen_utf8(raw: np.ndarray) -> np.ndarray:
+    buf, strings, pos = raw.tobytes(), [], 4
+    for _ in range(int.from_bytes(buf[:4], "little")):
+        n = int.from_bytes(buf[pos:pos + 4], "little")
+        strings.append(buf[pos + 4:pos + 4 + n].decode("utf-8"))
+        pos += 4 + n
+    if pos != len(buf):
+        raise ValueError(f"string chunk of {len(buf)} bytes holds {pos}")
+    return np.array(strings, dtype=object)
+
+
+def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray | Rows], value_dtype: str) -> None:
+    """Write the Zarr v3 group `rel`: one uncompressed whole-array chunk per array.
+
+    The files (each array's chunk and zarr.json, the group's zarr.json) are written directly, not
+    through zarr: zarr's write path costs more than the bytes themselves at these sizes (BENCHMARKS.md,
+    P4); tests read the result back with zarr. An empty array has no chunk file, as zarr leaves it.
+    """
+    names = [n for n in ARRAYS + RESERVED if n in arrays]
+    for name in names:
+        root.makedirs(f"{rel}/{name}")
+    # `hidden` first: its fsync, by far the longest, then runs while the small files are written.
+    for name in sorted(names, key=lambda n: n != "hidden"):
         values = arrays[name]
-        is_str = values.dtype.kind in "OTU"
-        array = group.create_array(
-            name, shape=values.shape, dtype=str if is_str else values.dtype,
-            chunks=tuple(max(1, n) for n in values.shape), compressors=None, fill_value="" if is_str else 0,
-            dimension_names=dims[name], attributes={"value_dtype": value_dtype} if name == "hidden" else {},
-            config={"write_empty_chunks": True})  # every non-empty array has its chunk file, even all-zero
         if values.size:
-            array[...] = values
+            parts = [_vlen_utf8(values)] if values.dtype.kind in "OTU" else _le_bytes(values)
+            root.write(f"{rel}/{chunk_rel(name, values.ndim)}", parts)
+        root.write(f"{rel}/{name}/zarr.json", _array_json(name, values.shape, values.dtype, value_dtype))
+    root.write(f"{rel}/zarr.json", json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}).encode())
 
 
 def read_arrays(root: Root, marker: Marker) -> dict[str, np.ndarray]:
-    """The shard's seven arrays, whole; StoreError naming the array that cannot be read."""
+    """The shard's arrays, whole, through zarr (the reference path: `verify` uses it, so a store that
+    zarr cannot read, or whose layout the direct reads below would misread, is caught there)."""
     try:
         group = root.open_group(marker.data, mode="r")
     except Exception as e:  # zarr raises several types for a missing or damaged group
         raise StoreError(f"shard {marker.shard}: cannot open {marker.data}: {type(e).__name__}: {e}") from None
     arrays = {}
-    for name in ARRAYS:
+    for name in marker.crc32:
         try:
-            arrays[name] = group[name][...]
+            array = group[name]
+            arrays[name] = array[...]
         except Exception as e:
             raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/{name}: {type(e).__name__}: {e}") from None
+        if (array.compressors or array.filters or array.chunks != tuple(max(1, n) for n in array.shape)
+                or array.metadata.chunk_key_encoding.to_dict() != {"name": "v2", "configuration": {"separator": "."}}):
+            raise StoreError(f"shard {marker.shard}: {marker.data}/{name} is not one uncompressed chunk with the "
+                             "chunk key encoding v2 \".\" (PROTOCOL.md, Shard data); the store was not written by this format")
     return arrays
+
+
+def read_meta(root: Root, manifest: Manifest, marker: Marker) -> dict[str, np.ndarray]:
+    """Every array of a shard but `hidden`, read directly from its chunk file, and in place of `hidden`
+    an empty stand-in with the shape and dtype its chunk file holds (no data read)."""
+    arrays = {}
+    for name in ARRAYS:
+        if name == "hidden":
+            continue
+        path = f"{marker.data}/{chunk_rel(name, 1)}"
+        try:
+            raw = root.read(path)
+            if raw is None:  # an empty array has no chunk; a non-empty one is caught by check_arrays' shapes
+                raw = b"\0\0\0\0" if name in ("sample_ids", "icd_ids") else b""
+            raw = np.frombuffer(raw, np.uint8)
+            arrays[name] = _from_vlen_utf8(raw) if name in ("sample_ids", "icd_ids") else raw.view(_META_DTYPE[name])
+        except ValueError as e:
+            raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/{name}: {e}") from None
+    stored, row = STORED_DTYPE[manifest.dtype], manifest.n_layers * manifest.d_model
+    size = root.size(f"{marker.data}/{chunk_rel('hidden', 3)}")
+    if size % (row * stored.itemsize):
+        raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/hidden: {size} bytes is no whole number of rows")
+    arrays["hidden"] = np.broadcast_to(np.zeros((), stored), (size // (row * stored.itemsize), manifest.n_layers, manifest.d_model))
+    if names := logit_arrays(manifest):
+        arrays |= _read_logit_meta(root, manifest, marker, names)
+    return arrays
+
+
+def _read_logit_meta(root: Root, manifest: Manifest, marker: Marker, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The small reserved arrays (offsets, positions, logsumexp), and for `logits` and `logit_ids` stand-ins with
+    the shapes their chunk files hold (no data read): those are read per item, by read_logit_rows."""
+    arrays = {}
+    for name in ("logit_offsets", "logit_pos", "logit_lse"):
+        raw = root.read(f"{marker.data}/{chunk_rel(name, 1)}")
+        arrays[name] = np.frombuffer(raw or b"", np.uint8).view(_META_DTYPE[name])
+    n_rows = len(arrays["logit_pos"])
+    for name in [n for n in ("logit_ids", "logits") if n in names]:
+        itemsize = (STORED_DTYPE[manifest.dtype] if name == "logits" else _META_DTYPE[name]).itemsize
+        size = root.size(f"{marker.data}/{chunk_rel(name, 2)}") if n_rows else 0
+        width = size // (n_rows * itemsize) if n_rows else logits_setting(manifest)[1] or 0
+        if n_rows and size % (n_rows * itemsize):
+            raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/{name}: {size} bytes is no whole number of rows")
+        dtype = STORED_DTYPE[manifest.dtype] if name == "logits" else _META_DTYPE[name]
+        arrays[name] = np.broadcast_to(np.zeros((), dtype), (n_rows, width))
+    return arrays
+
+
+def read_logit_rows(root: Root, manifest: Manifest, marker: Marker, lo: int, hi: int, width: int):
+    """Rows [lo, hi) of a shard's `logit_ids` (None for a full store) and `logits` ([hi - lo, width], stored dtype):
+    one byte-range read of each chunk, as read_rows does for `hidden`."""
+    out = []
+    for name in ("logit_ids", "logits"):
+        if name == "logit_ids" and logits_setting(manifest)[0] != "topk":
+            out.append(None)
+            continue
+        dtype = STORED_DTYPE[manifest.dtype] if name == "logits" else _META_DTYPE[name]
+        row = width * dtype.itemsize
+        try:
+            raw = root.read_range(f"{marker.data}/{chunk_rel(name, 2)}", lo * row, hi * row) if hi > lo else np.zeros(0, np.uint8)
+        except StoreError as e:
+            raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/{name}: {e}") from None
+        out.append(raw.view(dtype).reshape(hi - lo, width))
+    return tuple(out)
+
+
+_META_DTYPE = {"offsets": np.dtype("<i8"), "token_ids": np.dtype("<i4"), "keep": np.dtype("u1"), "icd_offsets": np.dtype("<i8"),
+               "logit_offsets": np.dtype("<i8"), "logit_pos": np.dtype("<i4"), "logit_ids": np.dtype("<i4"),
+               "logit_lse": np.dtype("<f4")}
+
+
+def read_rows(root: Root, manifest: Manifest, marker: Marker, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a shard's `hidden`, [hi - lo, L, d] in the stored dtype: one byte-range read of
+    its uncompressed C-order chunk, whose row r starts at byte r * L * d * itemsize."""
+    stored = STORED_DTYPE[manifest.dtype]
+    row = manifest.n_layers * manifest.d_model * stored.itemsize
+    try:
+        raw = root.read_range(f"{marker.data}/{chunk_rel('hidden', 3)}", lo * row, hi * row)
+    except StoreError as e:
+        raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/hidden: {e}") from None
+    return raw.view(stored).reshape(hi - lo, manifest.n_layers, manifest.d_model)
 
 
 def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarray], *, checksums: bool) -> list[str]:
@@ -229,11 +399,40 @@ def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarra
     want_ids = [q for q in kept_queries(manifest, marker.shard, marker.skipped) for _ in range(manifest.views)]
     if [str(s) for s in sample_ids.tolist()] != want_ids:
         problems.append(f"{where}: sample_ids differ from the manifest's queries minus the skipped ones")
+    problems += _logit_problems(manifest, marker, arrays, where)
     if checksums:
-        for name in ARRAYS:
-            if checksum(arrays[name]) != marker.sha256[name]:
+        for name in marker.crc32:
+            if checksum(arrays[name]) != marker.crc32[name]:
                 problems.append(f"{where}: {name} does not match its checksum (corrupted or truncated data)")
     return problems
+
+
+def _logit_problems(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarray], where: str) -> list[str]:
+    """Problems of a shard's reserved arrays: present exactly when the manifest says the store holds logits, with
+    one row per answer position of each item (a span position t with a next token, t + 1 < the item's length)."""
+    names, setting = logit_arrays(manifest), logits_setting(manifest)
+    if sorted(n for n in marker.crc32 if n in RESERVED) != sorted(names):
+        return [f"{where}: has the logit arrays {sorted(n for n in marker.crc32 if n in RESERVED)}, the manifest's "
+                f"logits setting ({manifest.fingerprint_fields.get('logits', 'off')}) needs {sorted(names)}"]
+    if not names:
+        return []
+    off, pos = arrays["logit_offsets"], arrays["logit_pos"]
+    n_rows = len(pos)
+    expect = {"logit_offsets": ((len(arrays["offsets"]),), np.dtype("<i8")), "logit_pos": ((n_rows,), np.dtype("<i4")),
+              "logit_lse": ((n_rows,), np.dtype("<f4")),
+              "logits": ((n_rows, setting[1] or arrays["logits"].shape[1]), STORED_DTYPE[manifest.dtype]),
+              "logit_ids": ((n_rows, setting[1]), np.dtype("<i4"))}
+    problems = [f"{where}: {name} has shape {arrays[name].shape} and dtype {arrays[name].dtype}, expected {shape} {dtype}"
+                for name, (shape, dtype) in expect.items() if name in names
+                and (arrays[name].shape != shape or arrays[name].dtype != dtype)]
+    if problems:
+        return problems
+    if off[0] != 0 or off[-1] != n_rows or (np.diff(off) < 0).any():
+        return [f"{where}: logit_offsets must rise from 0 to {n_rows}; got {_brief(off)}"]
+    span_len = np.repeat(np.diff(arrays["offsets"]), np.diff(off))
+    if ((pos < 0) | (pos >= span_len - 1)).any():
+        return [f"{where}: logit_pos holds a position without a next token in its item's span"]
+    return []
 
 
 def _brief(a: np.ndarray, n: int = 6) -> str:

@@ -18,7 +18,7 @@ from importlib import metadata
 
 from storage.errors import StoreError, StoreMismatch
 
-FORMAT_VERSION = 2  # 2 added the per-token `keep` array (text-only spans); PROTOCOL.md, Versioning
+FORMAT_VERSION = 3  # 3: flat chunk keys, CRC-32 checksums, reserved logits arrays; PROTOCOL.md, Versioning
 DTYPES = ("float32", "float16", "bfloat16")
 # Fields that change from run to run without changing the targets: excluded from the fingerprint,
 # from diff() and from "identical store" comparisons.

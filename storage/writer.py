@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,22 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class Logits:
+    """An item's teacher next-token distributions at its answer positions (PROTOCOL.md, "Reserved: logits").
+
+    pos: int32 [P], the span positions t whose next token (t + 1) is an answer token or the EOS.
+    values: [P, W] logits at temperature 1 in the manifest dtype: W = K, those of `ids` (topk:K), or the vocabulary.
+    lse: float32 [P], logsumexp of each row over the whole vocabulary (top-k keeps the tail's mass).
+    ids: int32 [P, K], the K largest logits' token ids, largest first (topk:K); None for full.
+    """
+
+    pos: np.ndarray
+    values: np.ndarray | torch.Tensor
+    lse: np.ndarray
+    ids: np.ndarray | None = None
+
+
+@dataclass
 class Item:
     """One (query, view) record.
 
@@ -32,6 +49,7 @@ class Item:
     icd_ids: ids of the in-context demonstrations of this view, in prompt order.
     keep: bool [t], which span tokens have a row in `hidden` (None: all of them; a text-only span
         leaves out the image tokens). `hidden` then has keep.sum() rows.
+    logits: the teacher's answer-token distributions, exactly when the store holds them (teacher.logits).
     """
 
     sample_id: str
@@ -40,6 +58,7 @@ class Item:
     hidden: np.ndarray | torch.Tensor
     icd_ids: tuple[str, ...]
     keep: np.ndarray | None = None
+    logits: Logits | None = None
 
 
 def open_for_write(url: str, manifest: Manifest) -> StoreWriter:
@@ -90,13 +109,17 @@ class StoreWriter:
         data_rel = f"{layout.SHARDS}/{layout.shard_name(shard)}-{secrets.token_hex(8)}"
         try:
             layout.write_arrays(self.root, data_rel, arrays, self.manifest.dtype)
-            self.root.fsync_tree(data_rel)
+            # The checksums (CPU) are taken while the data goes to the disk (I/O): BENCHMARKS.md, P4.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                synced = pool.submit(self.root.fsync_tree, data_rel)
+                crc32 = {name: layout.checksum(values) for name, values in arrays.items()}
+                synced.result()
         except OSError as e:
             self.root.remove_tree(data_rel)
             raise StoreError(f"cannot write shard {shard} to {self.root.url}/{data_rel}: {e.strerror or e}") from None
         marker = layout.Marker(shard=shard, fingerprint=self.manifest.fingerprint, data=data_rel,
                                tokens=len(arrays["token_ids"]), skipped=skipped,
-                               sha256={name: layout.checksum(arrays[name]) for name in layout.ARRAYS})
+                               crc32=crc32)
         if not _publish(self.root, shard, marker):
             self.root.remove_tree(data_rel)  # another writer published this shard first
             return False
@@ -143,8 +166,8 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         icd_ids.append([str(c) for c in it.icd_ids])
     lengths = [len(t) for t in token_ids]
     stored = layout.STORED_DTYPE[m.dtype]
-    return {
-        "hidden": np.concatenate(hidden) if hidden else np.zeros((0, m.n_layers, m.d_model), stored),  # [T, L, d]
+    return {**_logit_arrays(m, items, lengths),
+        "hidden": layout.Rows(hidden, (m.n_layers, m.d_model), stored),  # [K, L, d], K = kept tokens
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype("<i8"),
         "token_ids": np.concatenate(token_ids) if token_ids else np.zeros(0, "<i4"),
         "keep": np.concatenate(keeps) if keeps else np.zeros(0, "u1"),
@@ -152,6 +175,45 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         "icd_offsets": np.concatenate([[0], np.cumsum([len(c) for c in icd_ids])]).astype("<i8"),
         "icd_ids": np.array([c for cs in icd_ids for c in cs], dtype=object),
     }
+
+
+def _logit_arrays(m: Manifest, items: list[Item], lengths: list[int]) -> dict[str, np.ndarray]:
+    """The reserved arrays of the items' logits: every item has them when the store holds them, none otherwise."""
+    setting = layout.logits_setting(m)
+    if setting is None:
+        if any(it.logits is not None for it in items):
+            raise ValueError("items carry logits, but the manifest's fingerprint_fields.logits says the store holds none")
+        return {}
+    k = setting[1]
+    pos, ids, values, lse = [], [], [], []
+    for it, n in zip(items, lengths):
+        where = f"item ({it.sample_id}, {it.view})"
+        lg = it.logits
+        if lg is None:
+            raise ValueError(f"{where}: the store holds logits ({m.fingerprint_fields['logits']}); the item has none")
+        p = np.asarray(lg.pos).astype("<i4")
+        v = _stored_values(lg.values, m.dtype, f"{where} logits")
+        if p.ndim != 1 or v.shape[:1] != p.shape or (k and v.shape[1] != k) or ((p < 0) | (p >= n - 1)).any():
+            raise ValueError(f"{where}: logits of shape {tuple(v.shape)} at positions {p.tolist()} do not fit "
+                             f"{m.fingerprint_fields['logits']} and a span of {n} tokens")
+        if k and np.shape(lg.ids) != v.shape:
+            raise ValueError(f"{where}: logit ids of shape {np.shape(lg.ids)}, logits {tuple(v.shape)}")
+        pos.append(p)
+        values.append(v)
+        lse.append(np.asarray(lg.lse, dtype="<f4").reshape(len(p)))
+        if k:
+            ids.append(np.asarray(lg.ids).astype("<i4"))
+    width = k or (values[0].shape[1] if values else 0)
+    if any(v.shape[1] != width for v in values):
+        raise ValueError(f"the items' full logits differ in width: {sorted({v.shape[1] for v in values})}")
+    stored = layout.STORED_DTYPE[m.dtype]
+    arrays = {"logit_offsets": np.concatenate([[0], np.cumsum([len(p) for p in pos])]).astype("<i8"),
+              "logit_pos": np.concatenate(pos) if pos else np.zeros(0, "<i4"),
+              "logits": layout.Rows(values, (width,), stored),
+              "logit_lse": np.concatenate(lse) if lse else np.zeros(0, "<f4")}
+    if k:
+        arrays["logit_ids"] = np.concatenate(ids) if ids else np.zeros((0, k), "<i4")
+    return arrays
 
 
 def _stored_values(hidden, dtype: str, where: str) -> np.ndarray:

@@ -57,3 +57,25 @@ def data_root(tmp_path_factory):
 def random_image(seed: int, size: int = 32) -> Image.Image:
     """Noise never normalises to all zeros, so Idefics2 never mistakes it for a padding image."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def pipeline(monkeypatch, capsys, tmp_path):
+    """run("run", "teacher", ...) -> (exit code, stdout, stderr), as the `pipeline` command gives them (in-process)."""
+    import sys
+
+    from pipeline.cli import main
+    monkeypatch.setenv("MIMIC_PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

@@ -20,7 +20,6 @@ import zlib
 import pytest
 import yaml
 
-from pipeline.cli import main
 from stages import teacher
 from storage import layout
 from storage._root import Root
@@ -28,25 +27,6 @@ from storage.inspection import info, verify
 from storage.manifest import FORMAT_VERSION
 
 QUESTIONS, ANNOTATIONS = "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"
-
-
-@pytest.fixture
-def pipeline(monkeypatch, capsys, tmp_path):
-    """run("run", "teacher", ...) -> (exit code, stdout, stderr), as `pipeline run teacher ...` would give."""
-    monkeypatch.setenv("MIMIC_PIPELINE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["pipeline", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def one_error(result, pattern: str) -> str:
@@ -354,7 +334,7 @@ def test_disk_full_during_a_shard_write(pipeline, model_dirs, data_root, store, 
     def fill_up(root, rel, arrays, value_dtype):  # the second shard hits a full disk half-way through
         calls.append(rel)
         if len(calls) == 2:
-            real_write(root, rel, {k: v[:0] if k == "hidden" else v for k, v in arrays.items()}, value_dtype)
+            real_write(root, rel, {k: v[:0] if k == "icd_ids" else v for k, v in arrays.items()}, value_dtype)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(root, rel, arrays, value_dtype)
 

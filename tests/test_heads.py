@@ -8,8 +8,7 @@ import torch
 from stages.models import heads as heads_module
 from stages.models import load_model
 from stages.models.encode import encode, tokenize
-from stages.models.heads import (MimicHeads, attach, build_heads, detach, load_heads, log_z2, mimic_attention,
-                                 save_heads)
+from stages.models.heads import MimicHeads, attach, build_heads, detach, load_heads, log_z2, mimic_attention
 from stages.tasks.prompts import build_prompt
 from stages.tasks.sample import Sample
 from tests.conftest import FAMILIES, random_image
@@ -280,18 +279,17 @@ def test_unmasked_log_z2_sums_over_every_key():
 
 
 def test_the_log_z2_choice_survives_build_master_copy_save_and_load(model_dirs, tmp_path):
-    """student.log_z2 reaches the heads through build_heads(masked_log_z2=...), the fp32 master copy the
-    student saves, and heads.json, which evaluation loads from."""
-    from stages.student import _fp32_master
+    """student.log_z2 reaches the heads through build_heads(masked_log_z2=...), the fp32 master state the
+    student saves through the mimic method, and heads.json, which evaluation loads from."""
+    from stages.methods import mimic
+    from stages.student import _master_state
     lm = load_model(model_dirs["idefics2"])
     dims = lm.dims
     for masked in (True, False):
         heads = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, masked_log_z2=masked)
         assert heads.masked_log_z2 is masked
-        master = _fp32_master(heads)
-        assert master.masked_log_z2 is masked
-        save_heads(master, str(tmp_path / str(masked)), {})
-        loaded = load_heads(str(tmp_path / str(masked)), lm)
+        mimic.save({"heads": heads}, {"heads": _master_state(heads)}, str(tmp_path / str(masked)), {})
+        loaded = load_heads(str(tmp_path / str(masked) / "heads"), lm)
         assert loaded.masked_log_z2 is masked
         for name, p in heads.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], p), name

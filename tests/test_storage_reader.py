@@ -124,3 +124,60 @@ def test_buffer_shuffle_is_a_permutation(stream, size, seed):
     assert sorted(out) == sorted(stream)
     if size <= 1:
         assert out == stream
+
+
+# -- data parallel: each rank its own part of every global step, and only its bytes -------------------
+@pytest.mark.parametrize("world, batch", [(2, 4), (3, 6), (4, 4), (2, 10)])
+def test_every_global_step_trains_the_same_items_whatever_the_world_size(store, world, batch):
+    """Rank r of W yields the r-th of W equal parts of each step of the one-rank order; items past the last
+    whole step are dropped by every world size alike."""
+    url, _, written = store
+    single = keys(TargetReader(url, seed=4, shuffle_buffer=5).epoch(1))  # the global order, one item per step
+    steps = len(single) // batch
+    per_rank = [list(TargetReader(url, seed=4, shuffle_buffer=5, rank=r, world_size=world, batch=batch).epoch(1))
+                for r in range(world)]
+    part = batch // world
+    assert all(len(items) == steps * part for items in per_rank)
+    for g in range(steps):
+        got = [keys(items[g * part:(g + 1) * part]) for items in per_rank]
+        assert sum(got, []) == single[g * batch:(g + 1) * batch], f"step {g}"
+    for items in per_rank:
+        for it in items:
+            assert_same_item(it, written[it.sample_id, it.view])
+
+
+def test_a_rank_reads_only_the_rows_of_its_own_items(store, monkeypatch):
+    """Every byte range a rank asks of `hidden` is one of its items' rows, and together they are exactly those."""
+    from storage._root import Root
+
+    url, m, written = store
+    asked = []
+    real = Root.read_range
+
+    def record(self, rel, start, end):
+        asked.append((rel, start, end))
+        return real(self, rel, start, end)
+
+    monkeypatch.setattr(Root, "read_range", record)
+    items = list(TargetReader(url, seed=2, rank=1, world_size=2, batch=4).epoch(0))
+    row_bytes = m.n_layers * m.d_model * 2  # bfloat16
+    assert all(rel.endswith("/hidden/0.0.0") for rel, _, _ in asked)
+    assert sorted(end - start for _, start, end in asked) == sorted(
+        written[it.sample_id, it.view].hidden.shape[0] * row_bytes for it in items)
+    assert len(set(asked)) == len(asked)  # no range read twice
+
+
+def test_a_rank_resumes_at_a_step_boundary(store):
+    url, _, _ = store
+    full = TargetReader(url, seed=6, rank=0, world_size=2, batch=4)  # rank 0: its part ends before its steps do
+    it = full.epoch(2)
+    for _ in range(4):  # two steps of this rank's part (2 items each)
+        next(it)
+    state = full.state_dict()
+    assert state["step"] == 8  # two global steps of 4 items
+    rest = list(it)
+    resumed = TargetReader(url, seed=6, rank=0, world_size=2, batch=4)
+    resumed.load_state_dict(state)
+    assert keys(resumed.epoch(2, start=state["step"])) == keys(rest)
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        next(resumed.epoch(2, start=3))

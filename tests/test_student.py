@@ -354,3 +354,25 @@ def test_run_all_trains_and_evaluates_and_summarises(tmp_path):
     assert result.stdout.splitlines()[-1] == (
         f"vqa_accuracy on 16 vqav2 queries: zero-shot {written['zero-shot']:.1f}, 8-shot ICL {written['icl']:.1f}, "
         f"MimIC {written['mimic']:.1f}")
+
+
+def test_one_rank_student_chooses_its_own_port_unless_a_launcher_gave_one(monkeypatch):
+    """A port chosen by a parent process's one-process group is held by that parent: a child that inherits
+    MASTER_PORT (a test's subprocess, an experiment worker) must choose another; a launcher's port is kept."""
+    import deepspeed
+
+    from stages import student
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MASTER_PORT", "1")
+    monkeypatch.setenv(student._PORT_OWNER, str(os.getpid() + 1))  # chosen by another process
+    student._init_distributed(0, 1)
+    assert os.environ["MASTER_PORT"] != "1" and os.environ[student._PORT_OWNER] == str(os.getpid())
+    mine = os.environ["MASTER_PORT"]
+    student._init_distributed(0, 1)  # our own choice: kept
+    assert os.environ["MASTER_PORT"] == mine
+    monkeypatch.setenv("MASTER_PORT", "29511")
+    monkeypatch.delenv(student._PORT_OWNER)  # a launcher's (torchrun's) port
+    student._init_distributed(0, 1)
+    assert os.environ["MASTER_PORT"] == "29511"

@@ -150,14 +150,15 @@ def test_hf_plain_pyarrow_parquet_with_relative_paths(synth, tmp_path):
 # --- the task table ------------------------------------------------------------------------------------------------
 
 def test_task_table(synth):
-    assert set(TASKS) == {"vqav2", "okvqa", "coco", "hf-vqa", "hf-caption"}
+    assert set(TASKS) == {"vqav2", "okvqa", "coco", "hf-vqa", "hf-caption", "flickr30k", "mme", "seed-bench", "mmmu-pro"}
     vqa, coco = get_task("vqav2"), get_task("coco")
     assert (vqa.kind, vqa.stop_words, vqa.max_new_tokens) == ("vqa", ("\n", "Question", "Answer", "Image"), 10)
     assert (coco.kind, coco.stop_words, coco.max_new_tokens) == ("caption", ("\n", "Caption", "Image"), 20)
     assert len(get_task("okvqa").load(synth, "val")) == N_VAL
     assert len(get_task("hf-vqa").load(os.path.join(synth, "hf", "vqa"), "val")) == N_VAL
     assert len(get_task("hf-caption").load(os.path.join(synth, "hf", "captions"), "val")) == N_VAL
-    with pytest.raises(UserError, match=r"unknown task 'hf'; choose one of: vqav2, okvqa, coco, hf-vqa, hf-caption"):
+    with pytest.raises(UserError, match=r"unknown task 'hf'; choose one of: vqav2, okvqa, coco, hf-vqa, hf-caption, flickr30k, "
+                                         r"mme, seed-bench, mmmu-pro"):
         get_task("hf")
     with pytest.raises(UserError, match="has a 'question' column.*use task hf-vqa"):
         get_task("hf-caption").load(os.path.join(synth, "hf", "vqa"), "val")

@@ -280,6 +280,26 @@ def test_text_only_span_keeps_the_text_rows_of_the_full_span(family, model_dirs,
     assert open_manifest(str(tmp_path / "store-text")).fingerprint_fields["span"] == "text"
 
 
+def test_store_dtype_rounds_the_model_outputs_and_is_in_the_fingerprint(model_dirs, data_root, tmp_path):
+    """teacher.store_dtype=bfloat16 from the float32 model: each stored value is the float32 store's value rounded
+    to bfloat16 (round to nearest even, as torch rounds), and the manifest (so the fingerprint) says bfloat16."""
+    stores = {}
+    for dtype in ("", "bfloat16"):
+        store = tmp_path / f"store-{dtype or 'model'}"
+        teacher.run(_config(model_dirs["idefics2"], data_root, store, tmp_path, "teacher.shots=2", "task.num_queries=4",
+                            "teacher.shard_size=4", f"teacher.store_dtype={dtype}"))
+        stores[dtype] = str(store)
+    full, half = open_manifest(stores[""]), open_manifest(stores["bfloat16"])
+    assert (full.dtype, half.dtype) == ("float32", "bfloat16") and full.fingerprint != half.fingerprint
+    assert half.fingerprint_fields["dtype"] == "float32"  # the model still ran in float32
+    pairs = list(zip(read_items(stores[""]), read_items(stores["bfloat16"]), strict=True))
+    for a, b in pairs:
+        assert b.hidden.dtype == torch.bfloat16
+        bits = a.hidden.numpy().view(np.uint32).astype(np.uint64)  # round to nearest even, by hand on the bits
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        assert np.array_equal(b.hidden.view(torch.int16).numpy().view(np.uint16), rounded)
+
+
 # -- 3. ranks --------------------------------------------------------------------------------------
 def test_two_ranks_and_half_written_store_equal_one_rank(model_dirs, data_root, tmp_path):
     model = model_dirs["idefics2"]

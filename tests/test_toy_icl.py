@@ -67,7 +67,7 @@ def test_training_batches_equal_the_pipeline_encoding():
     images = script.pool_images(3, seed=5)
     pools = script.make_pools(processor, images)
     perm, colours, idx = permutation(0), np.array([[2, 7, 2, 0, 5]]), np.array([[0, 1, 2, 1, 0]])
-    batch = script.make_batch(script.Episodes(lm), pools, [perm], colours, idx)
+    batch = script.make_batch(script.Episodes(lm), pools, [tuple(WORDS[perm[c]] for c in colours[0])], colours, idx)
 
     items = [Sample(str(i), "", QUESTION, (WORDS[perm[c]],)) for i, c in enumerate(colours[0])]
     image_of = {s.id: images[c][j] for s, c, j in zip(items, colours[0], idx[0])}
@@ -107,7 +107,7 @@ def test_a_step_batch_depends_only_on_seed_and_step_and_never_shows_a_held_out_t
     a, b = (script.train_batch(eps, pools, args, 7, anchor, held_out) for _ in range(2))
     assert all(torch.equal(a[key], b[key]) for key in ("input_ids", "pixel_values", "targets"))
     assert not torch.equal(a["input_ids"], script.train_batch(eps, pools, args, 8, anchor, held_out)["input_ids"])
-    word_of = {eps.word_ids[w]: w for w in range(len(WORDS))}
+    word_of = {eps.word_ids[w]: i for i, w in enumerate(WORDS)}
     palette = torch.tensor(COLOURS, dtype=torch.float32) / 127.5 - 1  # normalised as the processor does
     for row, means in zip(a["input_ids"], a["pixel_values"].mean((3, 4))):  # means [n_items, 3]
         colours = torch.cdist(means, palette).argmin(-1).tolist()
@@ -185,10 +185,10 @@ def test_bare_episode_is_the_student_sequence():
     query = Sample("0", "", QUESTION, (WORDS[5],))
     prompt = build_prompt("vqa", "mimic", query, [], answer=WORDS[5], load=lambda s: eps.blank)
     enc = encode(lm, [prompt])
-    ids, where = eps.ids((5,), bare=True)
-    assert ids == enc.inputs["input_ids"][0].tolist() and ids[where[0]] == eps.word_ids[5]
-    full, _ = eps.ids((2, 5))
-    bare, bare_where = eps.ids((2, 5), bare=True)
+    ids, where = eps.ids((WORDS[5],), bare=True)
+    assert ids == enc.inputs["input_ids"][0].tolist() and ids[where[0]] == eps.word_ids[WORDS[5]]
+    full, _ = eps.ids((WORDS[2], WORDS[5]))
+    bare, bare_where = eps.ids((WORDS[2], WORDS[5]), bare=True)
     assert full[1 + eps.n_instruction:] == bare[1:] and len(bare_where) == 2
 
 
@@ -209,28 +209,39 @@ def test_second_phase_starts_from_the_saved_model_and_records_both_phases(tmp_pa
 
 
 def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
-    """`pipeline experiment toy-icl` on two permutations in two processes, with a short student: every method
-    has a number, the table and the plot are written, and a rerun (in one process) redoes nothing."""
+    """`pipeline experiment toy-icl` on two permutations in two processes, with a short student and a sweep over
+    two training-set sizes: every method has a number, the tables and plots are written, every sweep student
+    takes the same number of steps, and a rerun (in one process) redoes nothing."""
     from click.testing import CliRunner
 
     from pipeline.cli import cli
     out = str(tmp_path / "exp")
-    args = ["experiment", "toy-icl", "--out", out, "--permutations", "2", "--num-samples", "8",
-            "--set", "student.epochs=1", "--set", "task.num_queries=40", "--set", "teacher.shard_size=8"]
+    args = ["experiment", "toy-icl", "--out", out, "--tasks", "2", "--num-samples", "8", "--sweep", "8,40",
+            "--sweep-steps", "6", "--set", "student.epochs=1", "--set", "task.num_queries=40",
+            "--set", "teacher.shard_size=8"]
     result = CliRunner().invoke(cli, [*args, "--jobs", "2"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     results = json.load(open(os.path.join(out, "results.json")))
-    assert set(results["per_permutation"]) == {"0", "1"}
-    row = results["per_permutation"]["1"]
-    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling"}
+    assert results["family"] == "lookup" and set(results["per_task"]) == {"0", "1"}
+    row = results["per_task"]["1"]
+    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling",
+                        "sweep"}
     assert set(row["icl"]) == {"1", "2", "4", "8", "16", "32"} and set(row["mimic"]) == {"8", "16"}
+    assert set(row["sweep"]) == {"8", "40"} and all(set(r) == {"mimic", "mse_only", "ce_only"}
+                                                     for r in row["sweep"].values())
     assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling")
                for a in row[m].values())
     assert row["ce_only"]["8"] == row["ce_only"]["16"]
+    for n, steps_per_epoch in ((8, 2), (40, 10)):  # 6 steps at the global batch of 4: 3 epochs of 8, 1 of 40 (rounded)
+        log = [json.loads(line) for line in open(os.path.join(out, "perm1", f"student-sweep-n{n}-mimic", "losses.jsonl"))]
+        assert max(r["step"] for r in log) == max(1, round(6 * 4 / n)) * steps_per_epoch
+    assert os.path.isdir(os.path.join(out, "perm1", "store-8shot-n8"))
+    assert not os.path.exists(os.path.join(out, "perm1", "store-8shot-n40"))  # all 40 queries: the main store
     table = open(os.path.join(out, "results.md")).read()
     assert "| MimIC, MSE only |" in table and "| MSE-only ceiling (see below) |" in table
-    assert "16 test queries in all" in table
-    assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
+    assert "16 test queries in all" in table and "| 40 |" in table
+    for plot in ("accuracy_vs_k.png", "accuracy_vs_n.png"):
+        assert os.path.getsize(os.path.join(out, plot)) > 1000
     stamps = {f: os.path.getmtime(f) for name in ("heads.safetensors", "metrics.json", "ceiling.json")
               for f in _files(out, name)}
     assert len(_files(out, "ceiling.json")) == 4  # 2 permutations x 2 teachers

@@ -3,6 +3,9 @@
 A task name picks a TaskSpec from TASKS. HF `datasets` data comes as two tasks, hf-vqa and hf-caption,
 because the kind decides the prompts, the stop words, the token budget and the metric before any data
 is read; each refuses data of the other kind (a 'question' column, or none) with a hint to the right name.
+
+MME, SEED-Bench and MMMU-Pro publish one labelled set and no training split: `split_by` says so, and
+pools.py splits the set by a seeded shuffle (by image for MME, whose acc+ needs both questions of an image).
 """
 from __future__ import annotations
 
@@ -12,8 +15,12 @@ from typing import Callable, Literal
 
 from stages.errors import UserError
 from stages.tasks.coco import load_coco_captions
+from stages.tasks.flickr30k import load_flickr30k
 from stages.tasks.hf import load_hf_caption, load_hf_vqa
+from stages.tasks.mme import load_mme
+from stages.tasks.mmmu_pro import load_mmmu_pro
 from stages.tasks.sample import Sample
+from stages.tasks.seed_bench import load_seed_bench
 from stages.tasks.vqa import load_vqa
 
 # "\n" from the authors' code, the rest from seed Tab. 6: generation is cut at the first of these.
@@ -23,15 +30,18 @@ CAPTION_STOP_WORDS = ("\n", "Caption", "Image")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """name: the task's name in configs; kind: "vqa" (accuracy) or "caption" (CIDEr);
-    load(root, split): the samples of a split under a data root; stop_words: cut generation at the first;
-    max_new_tokens: generation budget in tokens."""
+    """name: the task's name in configs; kind: "vqa" (accuracy), "caption" (CIDEr), "yesno" (MME score)
+    or "choice" (multiple-choice accuracy); load(root, split): the samples of a split under a data root;
+    stop_words: cut generation at the first; max_new_tokens: generation budget in tokens;
+    split_by: "" when the data has its own splits, else "question" or "image": the unit a seeded shuffle of
+    its one labelled set (load(root, "test")) splits into training and evaluation queries."""
 
     name: str
-    kind: Literal["vqa", "caption"]
+    kind: Literal["vqa", "caption", "yesno", "choice"]
     load: Callable[[str, str], list[Sample]]
     stop_words: tuple[str, ...]
     max_new_tokens: int
+    split_by: Literal["", "question", "image"] = ""
 
 
 def _vqa(name: str, load: Callable[[str, str], list[Sample]]) -> TaskSpec:
@@ -48,6 +58,10 @@ TASKS: dict[str, TaskSpec] = {
     "coco": _caption("coco", load_coco_captions),
     "hf-vqa": _vqa("hf-vqa", load_hf_vqa),
     "hf-caption": _caption("hf-caption", load_hf_caption),
+    "flickr30k": _caption("flickr30k", load_flickr30k),
+    "mme": TaskSpec("mme", "yesno", load_mme, VQA_STOP_WORDS, 10, split_by="image"),
+    "seed-bench": TaskSpec("seed-bench", "choice", load_seed_bench, VQA_STOP_WORDS, 10, split_by="question"),
+    "mmmu-pro": TaskSpec("mmmu-pro", "choice", load_mmmu_pro, VQA_STOP_WORDS, 10, split_by="question"),
 }
 
 

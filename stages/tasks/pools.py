@@ -31,8 +31,35 @@ def shuffled(samples: list[Sample], seed: int) -> list[Sample]:
     return order
 
 
+def one_set(task: TaskSpec, root: str, seed: int) -> list[Sample]:
+    """A task without a training split (task.split_by): its labelled set shuffled by `seed`; split by image,
+    each image's questions stay together (in file order), so that any prefix takes whole images but its last."""
+    samples = task.load(root, "test")
+    if task.split_by == "question":
+        return shuffled(samples, seed)
+    by_image: dict[str | bytes, list[Sample]] = {}
+    for s in samples:
+        by_image.setdefault(s.image, []).append(s)
+    return [s for group in shuffled(list(by_image.values()), seed) for s in group]
+
+
+def _one_set_training(task: TaskSpec, root: str, split: str, num_queries: int, seed: int) -> list[Sample]:
+    """The first N of one_set: the authors' split of a test-only benchmark (the rest is evaluated)."""
+    if split != "train":
+        raise UserError(f"{task.name} has one labelled set, split into train (its first task.num_queries after a "
+                        f"shuffle by task.seed) and val (the rest); split {split!r} holds no training queries")
+    samples = one_set(task, root, seed)
+    if not 0 < num_queries < len(samples):
+        raise UserError(f"{task.name} has one labelled set of {len(samples)} questions: set task.num_queries to how "
+                        f"many of them train (1 to {len(samples) - 1}; the rest are evaluated), got {num_queries}")
+    return samples[:num_queries]
+
+
 def training_queries(task: TaskSpec, root: str, split: str, num_queries: int, *, seed: int) -> list[Sample]:
-    """The first N samples of the split shuffled by `seed` (all of them, shuffled, when N = 0)."""
+    """The first N samples of the split shuffled by `seed` (all of them, shuffled, when N = 0).
+    A task without a training split: the first N of its one labelled set (one_set)."""
+    if task.split_by:
+        return _one_set_training(task, root, split, num_queries, seed)
     samples = task.load(root, split)
     if num_queries > len(samples):
         raise UserError(f"task.num_queries = {num_queries} but the {split} split of {root} has {len(samples)} samples")
@@ -41,8 +68,9 @@ def training_queries(task: TaskSpec, root: str, split: str, num_queries: int, *,
 
 
 def support_set(task: TaskSpec, root: str, split: str, queries: list[Sample], support: str) -> list[Sample]:
-    """The ICD pool: the training queries themselves (the authors' setting) or the whole training split."""
-    return queries if support == "queries" else task.load(root, split)
+    """The ICD pool: the training queries themselves (the authors' setting) or the whole training split
+    (for a task without one, its train side is the training queries)."""
+    return queries if support == "queries" or task.split_by else task.load(root, split)
 
 
 def same_picture(support: list[Sample], exclude: bool) -> Callable[[Sample], frozenset[str]]:
@@ -62,7 +90,13 @@ def same_picture(support: list[Sample], exclude: bool) -> Callable[[Sample], fro
 
 def eval_queries(task: TaskSpec, root: str, split: str, num_samples: int, support: list[Sample], *,
                  seed: int) -> list[Sample]:
-    """The first num_samples of the split shuffled by `seed` (all, shuffled, when 0); none may be in the support set."""
+    """The first num_samples of the split shuffled by `seed` (all, shuffled, when 0); none may be in the support set.
+
+    A task without a training split (task.split_by): the rest of its one labelled set after the support set
+    (the training queries), and, split by image, without the images the support set shows.
+    """
+    if task.split_by:
+        return _one_set_rest(task, root, split, num_samples, support, seed)
     samples = shuffled(task.load(root, split), seed)
     samples = samples[:num_samples] if num_samples else samples
     overlap = {s.id for s in samples} & {s.id for s in support}
@@ -70,3 +104,14 @@ def eval_queries(task: TaskSpec, root: str, split: str, num_samples: int, suppor
         raise UserError(f"{len(overlap)} evaluation queries of split '{split}' are also in the support set "
                         f"(e.g. id {sorted(overlap)[0]}); evaluate on a split disjoint from the training split")
     return samples
+
+
+def _one_set_rest(task: TaskSpec, root: str, split: str, num_samples: int, support: list[Sample],
+                  seed: int) -> list[Sample]:
+    if split != "val":
+        raise UserError(f"{task.name} has one labelled set: its evaluation queries are split 'val' (the questions "
+                        f"after the first task.num_queries), not {split!r}")
+    taken_ids = {s.id for s in support}
+    taken_images = {s.image for s in support} if task.split_by == "image" else set()
+    rest = [s for s in one_set(task, root, seed) if s.id not in taken_ids and s.image not in taken_images]
+    return rest[:num_samples] if num_samples else rest

@@ -1,5 +1,9 @@
 """The prompts of seed Tab. 6, as interleaved pieces (text and images) that any family can encode.
 
+Tab. 6 covers VQA and captions. MME (yes/no) and multiple choice (SEED-Bench, MMMU-Pro) follow its form:
+an instruction, then "Image:{image} Question: {q} Answer: {a}\n" per item; multiple-choice items list the
+lettered options after the question ("... Options: A. {a} B. {b} Answer: B"), and the answer shown is the letter.
+
 A prompt is a context (instruction + in-context demonstrations) and a query; the teacher appends
 the answer and EOS to the query, and that query + answer + EOS is the span the store keeps.
 """
@@ -14,6 +18,9 @@ from stages.tasks.sample import Sample
 
 VQA_INSTRUCTION = "Instruction: provide an answer to the question. Use the image to answer.\n"
 CAPTION_ICL_INSTRUCTION = "Instruction: provide a short caption of the input image.\n"
+YESNO_INSTRUCTION = "Instruction: answer the question with yes or no. Use the image to answer.\n"
+CHOICE_INSTRUCTION = "Instruction: choose the correct option and answer with its letter. Use the image to answer.\n"
+LETTERS = "ABCDEFGHIJ"  # option letters, up to MMMU-Pro's ten options
 
 Piece = str | Image.Image
 
@@ -42,18 +49,25 @@ def reference_answer(sample: Sample, policy: str = "most_common") -> str:
 
 
 def _item(kind: str, sample: Sample, image: Image.Image, answer: str | None) -> list[Piece]:
-    """One demonstration or query: "Image:{image} Question: {q} Answer: {a}\n" (VQA) or "Image:{image} Caption: {c}\n"."""
-    text = f" Question: {sample.question} Answer:" if kind == "vqa" else " Caption:"
+    """One demonstration or query: "Image:{image} Question: {q} Answer: {a}\n" (VQA, yes/no), the same with
+    " Options: A. {o1} B. {o2} ..." after the question (multiple choice), or "Image:{image} Caption: {c}\n"."""
+    if kind == "caption":
+        text = " Caption:"
+    else:
+        options = "".join(f" {letter}. {option}" for letter, option in zip(LETTERS, sample.options))
+        options = " Options:" + options if kind == "choice" else ""
+        text = f" Question: {sample.question}{options} Answer:"
     if answer is not None:
         text += f" {answer}"
     return ["Image:", image, text]
 
 
 def instruction(kind: str, mode: str) -> str:
-    """Tab. 6 prefix: the VQA instruction in every mode; captions have one only with ICL ("X" for zero-shot)."""
-    if kind == "vqa":
-        return VQA_INSTRUCTION
-    return CAPTION_ICL_INSTRUCTION if mode == "icl" else ""
+    """Tab. 6 prefix: the VQA (yes/no, choice) instruction in every mode; captions have one only with ICL
+    ("X" for zero-shot)."""
+    if kind == "caption":
+        return CAPTION_ICL_INSTRUCTION if mode == "icl" else ""
+    return {"vqa": VQA_INSTRUCTION, "yesno": YESNO_INSTRUCTION, "choice": CHOICE_INSTRUCTION}[kind]
 
 
 def build_prompt(kind: str, mode: str, query: Sample, icds: list[tuple[Sample, str]], answer: str | None = None,

@@ -17,13 +17,18 @@ class Sample:
     id: the data set's own id as a string (VQA question_id, COCO image id for captions).
     image: a file path (str) or encoded image bytes (HF datasets keep PNG/JPEG bytes).
     question: the question text; None for captioning.
-    answers: VQA: the 10 annotator answers, in file order; captions: the reference captions.
+    answers: VQA: the 10 annotator answers, in file order; captions: the reference captions;
+        MME: "Yes" or "No"; multiple choice: the right option's letter.
+    options: multiple choice only: the option texts, lettered A, B, ... in this order.
+    category: the sub-task the metric reports apart (MME subtask, SEED-Bench dimension, MMMU-Pro subject).
     """
 
     id: str
     image: str | bytes
     question: str | None
     answers: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    category: str = ""
 
     def load_image(self) -> Image.Image:
         """Decode the image as RGB; a missing, empty, corrupt or huge file is a UserError naming it."""

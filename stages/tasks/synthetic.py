@@ -7,6 +7,7 @@ One directory holds all formats:
     dataset_coco.json         Karpathy captions, 5 per image
     hf/vqa/                   save_to_disk DatasetDict {train, validation}: the VQAv2 questions
     hf/captions/              save_to_disk DatasetDict {train, validation}: Karpathy train + restval, and val
+    flickr30k/, mme/, seed_bench/, mmmu_pro/   the same scenes in those tasks' layouts (synthetic_benchmarks.py)
     synthetic.json            the parameters; the set is complete when this file exists
 
 Each image shows 1-3 shapes of one kind (square, circle, triangle) and one of 8 named colours on a random
@@ -32,9 +33,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stages.errors import UserError
+from stages.tasks.synthetic_benchmarks import write_benchmarks
 
 MARKER = "synthetic.json"
-FORMAT_VERSION = 1  # bump when the content changes, so an old cached set is refused instead of silently reused
+FORMAT_VERSION = 2  # bump when the content changes, so an old cached set is refused instead of silently reused
 DEFAULT_N_TRAIN = 64  # training samples of a set (`pipeline make-data`)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -118,7 +120,8 @@ def _is_complete(root: str, params: dict) -> bool:
 def _write_all(dpath: str, params: dict) -> None:
     seed, size = params["seed"], params["image_size"]
     # One random stream per purpose, so changing e.g. a question template does not change the images.
-    rng_scene, rng_pixels, rng_vqav2, rng_okvqa, rng_caption = (np.random.default_rng([seed, k]) for k in range(5))
+    rng_scene, rng_pixels, rng_vqav2, rng_okvqa, rng_caption, rng_bench = (np.random.default_rng([seed, k])
+                                                                          for k in range(6))
     scenes = _make_scenes(params["n_train"], params["n_val"], rng_scene)
     jpeg_by_id = {}
     for folder in ("train", "val"):
@@ -140,6 +143,7 @@ def _write_all(dpath: str, params: dict) -> None:
     captions = {s.image_id: _captions(s, rng_caption) for s in scenes}
     _write_json(os.path.join(dpath, "dataset_coco.json"), _karpathy(scenes, captions))
     _write_hf(os.path.join(dpath, "hf"), scenes, vqa, captions, jpeg_by_id)
+    write_benchmarks(dpath, scenes, jpeg_by_id, captions, tuple(COLOURS), SHAPES, rng_bench)
     _write_json(os.path.join(dpath, MARKER), params)  # last: its presence means complete
 
 

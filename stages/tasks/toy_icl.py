@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+from functools import partial
 
 import numpy as np
 from PIL import Image
@@ -133,28 +134,46 @@ def write_toy_icl(root: str, permutation_seed: int, *, n_train: int = DEFAULT_N_
     """Write held-out task `permutation_seed` as a VQAv2 data set; a no-op when the same set is complete there.
 
     Colours are balanced in each split (i % 8, shuffled). All 10 annotators give the task's word.
-    Written into a temporary sibling renamed at the end, so no half-written set ever looks complete.
     """
     if not 0 <= permutation_seed < N_HELD_OUT:
         raise UserError(f"permutation seed {permutation_seed} is not held out from pretraining; "
                         f"choose 0..{N_HELD_OUT - 1}")
-    if n_train < 1 or n_val < 1:
-        raise UserError(f"toy ICL data needs n_train >= 1 and n_val >= 1; got {n_train}, {n_val}")
     perm = permutation(permutation_seed)
     params = {"format_version": FORMAT_VERSION, "permutation_seed": permutation_seed, "n_train": n_train,
               "n_val": n_val, "seed": seed, "mapping": {str(COLOURS[c]): WORDS[perm[c]] for c in range(len(COLOURS))}}
+
+    def split_items(rng: np.random.Generator, n: int):
+        for c in rng.permutation(np.arange(n) % len(COLOURS)):
+            yield partial(draw_pixels, int(c)), WORDS[perm[int(c)]]
+
+    write_vqa_set(root, params, MARKER, f"Toy ICL task {permutation_seed}",
+                  f"toy ICL set (permutation {permutation_seed}, seed {seed})", np.random.default_rng([_PERM_SALT, 1, permutation_seed, seed]), split_items)
+
+
+def write_vqa_set(root: str, params: dict, marker: str, name: str, what: str, rng: np.random.Generator,
+                  split_items) -> None:
+    """Write a toy data set in the official VQAv2 layout; a no-op when the same set (params) is complete there.
+
+    split_items(rng, n) yields n (draw, answer word) per split, draw(rng) the image's pixels; all 10
+    annotators give the word. name goes into the files' info, what into the error for another set. Written
+    into a temporary sibling renamed at the end, so no half-written set ever looks complete; the marker
+    file (params) is written last.
+    """
+    if params["n_train"] < 1 or params["n_val"] < 1:
+        raise UserError(f"toy data needs n_train >= 1 and n_val >= 1; got {params['n_train']}, {params['n_val']}")
     root = os.path.abspath(root)
     if os.path.isdir(root) and os.listdir(root):
-        marker_fpath = os.path.join(root, MARKER)
+        marker_fpath = os.path.join(root, marker)
         if os.path.isfile(marker_fpath) and json.load(open(marker_fpath)) == params:
             return
-        raise UserError(f"{root} exists and is not this toy ICL set (permutation {permutation_seed}, seed {seed}); "
-                        "remove it or choose another path")
+        raise UserError(f"{root} exists and is not this {what}; remove it or choose another path")
     os.makedirs(os.path.dirname(root), exist_ok=True)
     tmp_dpath = f"{os.path.dirname(root)}/.{os.path.basename(root)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(tmp_dpath)
     try:
-        _write_all(tmp_dpath, perm, params)
+        _write_splits(tmp_dpath, params, name, rng, split_items)
+        with open(os.path.join(tmp_dpath, marker), "w") as f:
+            json.dump(params, f)  # last: its presence means complete
         if os.path.isdir(root):
             os.rmdir(root)  # an empty directory the caller made
         os.rename(tmp_dpath, root)
@@ -163,29 +182,25 @@ def write_toy_icl(root: str, permutation_seed: int, *, n_train: int = DEFAULT_N_
         raise
 
 
-def _write_all(dpath: str, perm: tuple[int, ...], params: dict) -> None:
-    rng = np.random.default_rng([_PERM_SALT, 1, params["permutation_seed"], params["seed"]])
+def _write_splits(dpath: str, params: dict, name: str, rng: np.random.Generator, split_items) -> None:
     image_id = 1
     for split, n in (("train", params["n_train"]), ("val", params["n_val"])):
         os.mkdir(os.path.join(dpath, f"{split}2014"))
-        colours = rng.permutation(np.arange(n) % len(COLOURS))
         questions, annotations = [], []
-        for c in colours:
+        for draw, word in split_items(rng, n):
             image_id += int(rng.integers(1, 8))  # sparse ids, like COCO's
             with open(os.path.join(dpath, f"{split}2014", f"COCO_{split}2014_{image_id:012d}.jpg"), "wb") as f:
-                f.write(jpeg(draw_pixels(int(c), rng)))
-            qid, word = image_id * 1000, WORDS[perm[int(c)]]
+                f.write(jpeg(draw(rng)))
+            qid = image_id * 1000
             questions.append({"image_id": image_id, "question": QUESTION, "question_id": qid})
             annotations.append({"question_type": "what is", "multiple_choice_answer": word,
                                 "answers": [{"answer": word, "answer_confidence": "yes", "answer_id": i + 1}
                                             for i in range(10)],
                                 "image_id": image_id, "answer_type": "other", "question_id": qid})
-        info = {"description": f"Toy ICL task {params['permutation_seed']} in the VQA format (MimIC pipeline)"}
+        info = {"description": f"{name} in the VQA format (MimIC pipeline)"}
         with open(os.path.join(dpath, f"v2_OpenEnded_mscoco_{split}2014_questions.json"), "w") as f:
             json.dump({"info": info, "task_type": "Open-Ended", "data_type": "mscoco",
                        "data_subtype": f"{split}2014", "questions": questions}, f)
         with open(os.path.join(dpath, f"v2_mscoco_{split}2014_annotations.json"), "w") as f:
             json.dump({"info": info, "data_type": "mscoco", "data_subtype": f"{split}2014",
                        "annotations": annotations}, f)
-    with open(os.path.join(dpath, MARKER), "w") as f:
-        json.dump(params, f)  # last: its presence means complete

@@ -7,10 +7,10 @@ Layout under the data root (the official zips unpacked side by side):
 """
 from __future__ import annotations
 
-import json
 import os
 
 from stages.errors import UserError
+from stages.tasks.jsonfile import read_json
 from stages.tasks.sample import Sample
 
 # flavour -> (questions file, annotations file); {split} is "train" or "val".
@@ -54,13 +54,7 @@ def load_vqa(root: str, split: str, flavour: str) -> list[Sample]:
 
 def _read_list(fpath: str, key: str, flavour: str) -> list[dict]:
     """The list under `key` of an official JSON file, or a UserError saying which file is expected where."""
-    if not os.path.isfile(fpath):
-        raise UserError(f"{flavour} {key} file not found: expected {fpath} (the official file, unzipped in the data root)")
-    try:
-        with open(fpath, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{fpath} is not valid JSON: {e}") from None
+    data = read_json(fpath, f"{flavour} {key} file not found: expected {fpath} (the official file, unzipped in the data root)")
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise UserError(f"{fpath} has no '{key}' list; is it the official {flavour} {key} file?")
     return data[key]

@@ -121,7 +121,8 @@ def run_student(config_fpath, overrides, store, shots, epochs, method, zero_stag
 @click.option("--shots", type=int, help="k for the teacher (teacher.shots).")
 @DEBUG
 def run_all(config_fpath, overrides, shots, debug):
-    """Teacher, then student, then zero-shot, k-shot ICL (the teacher's k) and MimIC evaluation.
+    """Teacher, then student, then zero-shot, k-shot ICL (the teacher's k) and evaluation of what the student
+    trained (MimIC heads, or student.method's artifact).
 
     \b
     Example:
@@ -133,14 +134,16 @@ def run_all(config_fpath, overrides, shots, debug):
     teacher.run(cfg)
     student.run(cfg)
     scores = {}
-    for mode in ("zero-shot", "icl", "mimic"):
+    trained = "mimic" if cfg.student.method == "mimic" else "trained"  # --mode mimic reads MimIC heads only
+    for mode in ("zero-shot", "icl", trained):
         metrics = evaluate.run(_config(config_fpath, overrides, **{"teacher.shots": shots, "eval.mode": mode,
                                                                    "eval.shots": cfg.teacher.shots}))
         click.echo(json.dumps(metrics))
         name = next(m for m in ("vqa_accuracy", "cider", "accuracy") if m in metrics)
         scores[mode] = metrics[name]
     click.echo(f"{name} on {metrics['n']} {cfg.task.name} queries: zero-shot {scores['zero-shot']:.1f}, "
-               f"{cfg.teacher.shots}-shot ICL {scores['icl']:.1f}, MimIC {scores['mimic']:.1f}")
+               f"{cfg.teacher.shots}-shot ICL {scores['icl']:.1f}, "
+               f"{'MimIC' if trained == 'mimic' else cfg.student.method} {scores[trained]:.1f}")
 
 
 @cli.command("eval")

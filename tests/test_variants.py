@@ -354,3 +354,13 @@ def test_l2_analysis_measures_last_position_layer_outputs_against_icl(trained, t
             distances.append((layer0_last(build_prompt("vqa", "mimic", q, [])) - icl).norm().item())
     assert result["l2_per_layer"]["zero-shot"][0] == pytest.approx(sum(distances) / 8, rel=1e-4)
     assert result["l2_per_layer"][names[1]] != result["l2_per_layer"]["zero-shot"]
+
+
+def test_run_all_evaluates_the_method_the_student_trained(pipeline):
+    """`pipeline run all` with a LoRA method evaluates its artifact (--mode trained), not MimIC heads it has none of."""
+    code, out, err = pipeline("run", "all", "--shots", "2", "--set", "student.method=lora-dagger",
+                              "--set", "task.num_queries=8", "--set", "student.epochs=1", "--set", "eval.num_samples=4")
+    assert code == 0, err[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert "2-shot ICL" in last and "lora-dagger" in last and "MimIC" not in last, last
+    assert '"mode": "trained"' in out and '"method": "lora-dagger"' in out

@@ -138,12 +138,12 @@ def teacher_manifest(cfg, lm):
     from stages.tasks import get_task
     from stages.tasks.pools import query_split, training_queries
     from stages.teacher import fingerprint_fields, store_dtype
-    from storage.manifest import FORMAT_VERSION, Manifest
+    from storage.manifest import Manifest, format_version
     t, tc = cfg.teacher, cfg.task
     task = get_task(tc.name)
     queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     dims = lm.dims
-    return Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
+    return Manifest(format_version(store_dtype(cfg)), fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
                     t.views, t.shard_size, dims.n_layers, dims.d_model, store_dtype(cfg))
 
 

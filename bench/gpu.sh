@@ -15,8 +15,14 @@
 # pyarrow (~40 MB) is NOT carried: stages/tasks/hf.py imports it at module import although only the
 # hf-* tasks use it; a stub stands in for it here (see BENCHMARKS.md, "project code worth fixing").
 #
+# Then P6 (bench/p6_realwidth.py, issue 19): the student's data path at real width (32 x 4096, bf16) on this
+# machine's disk and cores: reader vs plain read, and the data wait per step at simulated 40/100 ms steps, with
+# micro-batches moved to the GPU. P6_GB sets its store's size (default 8 GB; it is written, measured and deleted,
+# about 2 minutes); ONLY=p6 runs P6 alone, ONLY=models the model benchmark alone.
+#
 #   bash bench/gpu.sh                  # from the repo root on the GPU machine
 #   WHEELS=/path/to/wheels PEAK_TFLOPS=989 bash bench/gpu.sh
+#   ONLY=p6 P6_GB=0.2 bash bench/gpu.sh   # P6 alone on a small store (a check of the script, on any machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-bench/wheels}
@@ -50,5 +56,10 @@ if ! $PY -c "import pyarrow" 2>/dev/null; then
   export PYTHONPATH="$PYTHONPATH:/tmp/mimic-gpu-stub"
 fi
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-timeout 280 $PY bench/gpu_bench.py "$@"
+if [ "${ONLY:-}" != "p6" ]; then
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+  timeout 280 $PY bench/gpu_bench.py "$@" || echo "bench/gpu_bench.py failed ($?)"
+fi
+if [ "${ONLY:-}" != "models" ]; then
+  timeout 400 $PY -m bench.p6_realwidth --gb "${P6_GB:-8}"
+fi

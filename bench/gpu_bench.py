@@ -122,7 +122,7 @@ def main():
     from stages.tasks.sampler import sample_icds
     from stages.tasks.synthetic import write_synthetic
     from stages.teacher import SpanCapture, fingerprint_fields
-    from storage.manifest import FORMAT_VERSION, Manifest
+    from storage.manifest import Manifest, format_version
     from storage.reader import TargetReader
     from storage.writer import Item, open_for_write
 
@@ -162,7 +162,7 @@ def main():
         batches.append((b0 // t.batch_size, qs, icds, enc, {k: v.to(args.device) for k, v in enc.inputs.items()}))
     tokens = sum(int(b[3].inputs["attention_mask"].sum()) for b in batches)
     flops = sum(forward_flops(lm, b[4]) for b in batches)
-    manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), 1,
+    manifest = Manifest(format_version("bfloat16"), fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), 1,
                         t.shard_size, lm.dims.n_layers, lm.dims.d_model, "bfloat16")
     layers = lm.adapter.decoder_layers(lm.model)
 

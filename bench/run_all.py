@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +35,9 @@ FULL = {
     "p4": ["bench.p4_store", "--reps", "5", "--items", "64", "--shards", "2"],
     "p5": ["bench.p5_scaleout", "--reps", "3", "--queries", "48", "--shots", "16", "--matmul-iters", "200"],
     "profile_store": ["bench.profile_store"],
+    "p6": ["bench.p6_realwidth", "--gb", "2.2", "--reps", "4"],
+    # trains 6 students (~25 min on 2 idle cores; steps already done in runs/ are reused)
+    "p7": ["bench.p7_int8", "--experiment", "runs/toy-attribute"],
 }
 QUICK = {
     "p1": ["bench.p1_teacher", "--reps", "2", "--queries", "8", "--shots", "8"],
@@ -42,6 +46,7 @@ QUICK = {
     "p4": ["bench.p4_store", "--reps", "2", "--items", "32", "--shards", "2"],
     "p5": ["bench.p5_scaleout", "--reps", "1", "--queries", "16", "--shots", "8", "--matmul-iters", "100"],
     "profile_store": ["bench.profile_store"],
+    "p6": ["bench.p6_realwidth", "--gb", "0.2", "--reps", "1"],
 }
 
 
@@ -173,6 +178,43 @@ def rows(res: dict) -> list[tuple]:
         out.append(("P5 teacher 2 ranks × 1 thread / 1 rank × 1 thread (throughput)", f"{_pm(p['teacher_2rank_s'])} s",
                     f"{_pm(p['teacher_1rank_s'])} s", f"{p['speedup']:.2f}× = {p['fraction_of_ceiling']:.2f} of ceiling",
                     "≥ 0.9 of ceiling", p["fraction_of_ceiling"] >= 0.9))
+    if "p6" in r:
+        p, gb = r["p6"], r["p6"]["hidden_bytes"] / 1e9
+        for row in p["reads"]:
+            w = row["world"]
+            out.append((f"P6 read at real width ({gb:.1f} GB), {w} rank{'s' * (w > 1)} at once: store / plain sequential "
+                        f"read of the same files (cold)", f"{row['reader_gb_s']['median']:.2f} GB/s; per rank "
+                        f"{row['reader_rank_gb_s']['median']:.2f} GB/s, {row['reader_rank_items_s']['median']:.1f} items/s",
+                        f"{_pm(row['plain_gb_s'], fmt='{:.2f}')} GB/s (with O_DIRECT: "
+                        f"{_pm(row['direct_gb_s'], fmt='{:.2f}')} GB/s)",
+                        f"{row['ratio']:.2f} (paired {_pm(row['paired_ratio'], fmt='{:.2f}')}; of O_DIRECT "
+                        f"{row['ratio_to_direct']:.2f})", "≥ 0.9", row["ratio"] >= 0.9))
+        for row in p["waits"]:
+            w, ms = row["world"], row["step_ms"]
+            target = w == 2 and ms == 100 and not row["warm"]
+            out.append((f"P6 data wait per step at real width, {w} rank{'s' * (w > 1)}, simulated {ms:.0f} ms step "
+                        f"(a sleep){', store in the page cache' if row['warm'] else ''} / the step", f"{row['mean_wait_ms']:.1f} ms (median {row['wait_ms']['median']:.1f})",
+                        f"{ms:.0f} ms", f"{row['wait_fraction']:.1%}", "≤ 3 %" if target else "—",
+                        row["wait_fraction"] <= 0.03 if target else None))
+    if "p7" in r:
+        p, tasks = r["p7"], r["p7"]["per_task"].values()
+        b, q = p["mean"]["bfloat16"], p["mean"]["int8"]
+        out.append(("P7 int8 targets: bytes per value / bfloat16's (toy d = 128; at d = 4096 by the format: 0.516)",
+                    f"{q['bytes_per_value']:.4f}", f"{b['bytes_per_value']:.4f}", f"{p['mean']['int8_vs_bfloat16']['bytes']:.3f}",
+                    "≤ 0.55", p["mean"]["int8_vs_bfloat16"]["bytes"] <= 0.55))
+        out.append(("P7 relative reconstruction error per token and layer, against the float32 outputs: int8 / bfloat16",
+                    f"{q['rel_error_mean']:.4f} (p99 {q['rel_error_p99']:.4f})", f"{b['rel_error_mean']:.4f}",
+                    f"{q['rel_error_mean'] / b['rel_error_mean']:.1f}×", "—", None))
+        ratio = p["mean"]["int8_vs_bfloat16"]["l_align_held_out"]
+        out.append((f"P7 held-out L_align of MSE-only students, int8-trained / bfloat16-trained ({len(tasks)} tasks)",
+                    f"{q['l_align_held_out']:.5f}", f"{b['l_align_held_out']:.5f}", f"{ratio:.4f}", "within 2 %",
+                    abs(ratio - 1) <= 0.02))
+        diffs = [t["int8"]["accuracy"] - t["bfloat16"]["accuracy"] for t in tasks]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        out.append((f"P7 MSE-only accuracy on the attribute family, int8 − bfloat16 ({len(tasks)} tasks × {p['num_samples']} "
+                    "queries)", f"{q['accuracy']:.1f}", f"{b['accuracy']:.1f}",
+                    f"{statistics.fmean(diffs):+.1f} ± {se:.1f} points", "within noise",
+                    all(abs(d) <= 100 / p["num_samples"] ** 0.5 for d in diffs)))
     return out
 
 
@@ -209,7 +251,8 @@ def render(res: dict) -> str:
         "```bash", ".venv/bin/python -m bench.run_all      # every figure below, one torch thread per process", "```", "",
         "Each benchmark, as run:", "",
         "```bash", *res["commands"].values(), "```", "",
-        "`bench/gpu.sh` times teacher and student on a lent H100/H200 (see its header); it has not been run here.", "",
+        "`bench/gpu.sh` times teacher and student on a lent H100/H200, then P6's data path there (see its header); it "
+        "has not been run here.", "",
         "## Runs", "",
         *_runs_lines(res),
         f"- model: {res['model']}",
@@ -253,6 +296,37 @@ def render(res: dict) -> str:
         lines.append(f"- P5: {p['queries']} queries, k = {p['shots']}; start-up alone (same command on the finished store) "
                      f"{_pm(p['startup_only_s'])} s; inside teacher.run only: speedup {p['speedup_in_run']:.2f}×; "
                      f"{p['queries_per_s_1rank']:.2f} vs {p['queries_per_s_2rank']:.2f} queries/s.")
+    if "p6" in r:
+        p = r["p6"]
+        lines.append(f"- P6: a bfloat16 store of {p['queries']} queries of {p['tokens'][0]}–{p['tokens'][1] - 1} span tokens "
+                     f"at {p['layers']} × {p['d_model']} ({p['hidden_bytes'] / 1e9:.2f} GB of targets, written through "
+                     f"storage.writer in {p['write_s']:.0f} s), one COCO-sized JPEG per query; global batch "
+                     f"{p['global_batch']}, micro batch {p['micro_batch']}, {p['threads']} torch thread per rank, device "
+                     f"{p['device']}, student.prefetch and prefetch_mb at their defaults. Data wait = a step's wall time "
+                     "− the time slept, of the rank that waited most, the first step (the prefetch filling) left out: "
+                     + "; ".join(f"{row['world']} rank(s) at {row['step_ms']:.0f} ms{' warm' if row['warm'] else ''}: first "
+                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.0f} ms (the loop's own "
+                                 f"data_wait_s {row['logged_wait_ms']['median']:.0f} ms median), CPU "
+                                 f"{row['cpu_ms_per_item']:.0f} ms per item" for row in p["waits"])
+                     + f". Load: {p['cpus']} CPUs, busy {p['cpu_busy']:.0%} of the time over the run; load average "
+                     f"{p['loadavg_during'][0].split()[0]} → {p['loadavg_during'][1].split()[0]}; other processes at the "
+                     f"start: {'; '.join(p['others']['before']) or 'none above 5 % CPU'}; at the end: "
+                     f"{'; '.join(p['others']['after']) or 'none above 5 % CPU'}.")
+    if "p7" in r:
+        p = r["p7"]
+        lines.append("- P7: per attribute task, its 8-shot teacher's float32 store (1,000 queries) converted to bfloat16 and "
+                     "int8 (`pipeline cache convert`: the teacher's own stores bit for bit), an MSE-only student (10 epochs) "
+                     "on each, evaluated as MimIC and by L_align on a held-out bfloat16 store of 128 validation queries (steps "
+                     "done before are reused, so a run's wall time is only what was left to do). "
+                     "Per task, int8 vs bfloat16: " + "; ".join(
+                         f"task {u}: accuracy {t['int8']['accuracy']:.1f} vs {t['bfloat16']['accuracy']:.1f}, L_align "
+                         f"{t['int8']['l_align_held_out']:.5f} vs {t['bfloat16']['l_align_held_out']:.5f}"
+                         for u, t in p["per_task"].items())
+                     + ". At real width this machine has no real activations: on synthetic vectors of 4,096 Gaussian values "
+                     "with 2 set to an outlier of s standard deviations, the relative error of the other values is "
+                     + "; ".join(f"s = {row['outlier_sd']}: {row['rel_error_group_128']:.3f} with the store's scale per 128 "
+                                 f"values, {row['rel_error_per_vector']:.3f} with one per vector" for row in p["synthetic_outliers"])
+                     + " (why the store scales groups: one scale per vector loses the rest of a vector with a massive activation).")
     if "profile_store" in r:
         w, rd = r["profile_store"]["write"], r["profile_store"]["read_load_items"]
         g = lambda d, k: d.get(k, {}).get("cum_s", 0.0)  # noqa: E731

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import click
 
-from pipeline.config import explicit_keys, load_config
+from pipeline.config import CHOICES, explicit_keys, load_config
 from pipeline.defaults import follow_store, resolve
 from stages.errors import UserError
 
@@ -87,7 +87,7 @@ def run_teacher(config_fpath, overrides, shots, views, num_queries, store, captu
 @click.option("--shots", type=int, help="without --store: train from store-<task>-<k>shot; with it: the k it must have "
               "been made with (teacher.shots; unset, the store's own).")
 @click.option("--epochs", type=int, help="training epochs; 0 = the paper's rule (student.epochs).")
-@click.option("--method", type=click.Choice(["mimic", "lora", "lora-dagger", "mimic+lora", "live"]),
+@click.option("--method", type=click.Choice(CHOICES["student", "method"]),
               help="what to train (student.method); its output is student-<task>-<k>shot-<method>.")
 @click.option("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (student.zero_stage).")
 @DRY_RUN
@@ -103,6 +103,7 @@ def run_student(config_fpath, overrides, store, shots, epochs, method, zero_stag
       pipeline run student
       pipeline run student --store runs/store-vqav2-32shot --zero-stage 3
       pipeline run student --method lora-dagger --set student.w_align=0     # LoRA† on L_gt alone
+      pipeline run student --method virtual-kv --set student.num_queries=128   # the store's first 128 queries
       WORLD_SIZE=8 RANK=0 pipeline run student --dry-run   # the plan for 8 ranks
     """
     cfg = _config(config_fpath, overrides, not dry_run, reads_store=lambda cfg: True,
@@ -161,7 +162,8 @@ def eval_cmd(config_fpath, overrides, mode, shots, heads, student_dpath, num_sam
     """Generate answers and score them (VQA accuracy or CIDEr); writes predictions.jsonl and metrics.json.
 
     --mode trained is the zero-shot prompt ([BOS] + query) with what a student trained, whatever its
-    method (student.method: mimic, lora, lora-dagger, mimic+lora, live); --mode mimic reads MimIC heads only.
+    method (student.method: mimic, lora, lora-dagger, mimic+lora, live, prompt-tuning, virtual-kv); --mode mimic
+    reads MimIC heads only.
 
     --mode align instead measures L_align of trained and of freshly initialised heads on a store,
     e.g. one of held-out queries.
@@ -234,6 +236,13 @@ def experiment():
     """Experiments that run every stage end to end."""
 
 
+def _sizes(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated numbers of training queries, e.g. 16,32,128; got {text!r}")
+
+
 @experiment.command("toy-icl")
 @SET
 @click.option("--family", type=click.Choice(["lookup", "attribute"]), default="lookup", show_default=True,
@@ -271,10 +280,7 @@ def experiment_toy_icl(overrides, family, out_dpath, tasks, num_samples, sweep, 
     from pipeline import experiment as exp
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1; got {num_samples}")
-    try:
-        sizes = tuple(int(n) for n in sweep.split(",") if n.strip())
-    except ValueError:
-        raise UserError(f"--sweep takes comma-separated numbers of training queries, e.g. 16,32,128; got {sweep!r}")
+    sizes = _sizes("--sweep", sweep)
     out_dpath = out_dpath or f"runs/toy-{'icl' if family == 'lookup' else family}"
     tasks = exp.families()[family].default_tasks if tasks is None else tasks
     results = exp.run(out_dpath, family, list(range(tasks)), num_samples, tuple(overrides), log=click.echo, jobs=jobs,
@@ -304,6 +310,49 @@ def experiment_variants(overrides, out_dpath, debug):
     results = variants.run(out_dpath, tuple(overrides), log=click.echo)
     click.echo(variants.markdown(results))
     click.echo(f"wrote {out_dpath}/results.md, results.json ({results['minutes']} min)")
+
+
+@experiment.command("compare")
+@SET
+@click.option("--family", type=click.Choice(["lookup", "attribute"]), default="attribute", show_default=True,
+              help="the toy task family (see `pipeline experiment toy-icl --help`).")
+@click.option("--out", "out_dpath", type=click.Path(file_okay=False),
+              help="experiment directory (data, stores, students, evaluations, results)  [default: runs/compare-<family>]")
+@click.option("--tasks", type=int, default=4, show_default=True, help="tasks 0..N-1 of the family (the table's seeds).")
+@click.option("--sizes", default="32,128,1000", show_default=True,
+              help="training-set sizes N, each the store's first N queries (comma-separated).")
+@click.option("--steps", type=int, default=1000, show_default=True, help="optimiser steps of every student, whatever N.")
+@click.option("--methods", help="comma-separated, some of: mimic, mimic-ce, mse-only, live, lora, lora-dagger, "
+              "mimic+lora, prompt-tuning, virtual-kv  [default: all]")
+@click.option("--num-samples", type=int, default=64, show_default=True, help="test queries per task.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="tasks run at once, each in its own process with its share of the cores.")
+@DEBUG
+def experiment_compare(overrides, family, out_dpath, tasks, sizes, steps, methods, num_samples, jobs, debug):
+    """Is the teacher worth it? Zero-shot, k-shot ICL and every student method (MimIC, MimIC at w_align = 0, MSE
+    only, LIVE, LoRA, LoRA†, MimIC + LoRA, prompt tuning, virtual-kv) at a few training-set sizes, from one
+    teacher store per task (issue 20).
+
+    Per task: one 8-shot teacher store of all training queries, with the answer-token distributions LIVE needs;
+    zero-shot and 8-shot ICL evaluation; per size N and method, a student on the store's first N queries with the
+    same number of optimiser steps whatever N, evaluated with the zero-shot prompt. Writes results.md (accuracy,
+    trainable parameters, the student's and the teacher's time), results.json and accuracy_vs_n.png into --out.
+    Rerunning the same command resumes; steps already done are kept.
+
+    \b
+    Example:
+      pipeline experiment compare --jobs 2                 # the README's table
+      pipeline experiment compare --family lookup --tasks 2 --sizes 32,128 --methods mimic,lora,virtual-kv
+    """
+    from pipeline import compare
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1; got {num_samples}")
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods is not None else tuple(compare.METHODS)
+    out_dpath = out_dpath or f"runs/compare-{family}"
+    results = compare.run(out_dpath, family, list(range(tasks)), num_samples, chosen, _sizes("--sizes", sizes),
+                          steps, tuple(overrides), log=click.echo, jobs=jobs)
+    click.echo(open(os.path.join(out_dpath, "results.md")).read())
+    click.echo(f"wrote {out_dpath}/results.md, results.json and accuracy_vs_n.png ({results['minutes']} min)")
 
 
 @cli.command("make-model")
@@ -379,6 +428,28 @@ def cache_verify(path, debug):
     if problems:
         raise SystemExit(1)
     click.echo(f"{path}: ok")
+
+
+@cache.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dtype", required=True, type=click.Choice(["float32", "bfloat16", "float16", "int8"]),
+              help="value dtype of the new store (int8: 8-bit with a scale per token and layer, PROTOCOL.md).")
+@DEBUG
+def cache_convert(src, dst, dtype, debug):
+    """Write a copy of store SRC at DST with values in another dtype, without rerunning the teacher.
+
+    From a float32 store the copy is bit for bit the store the teacher writes with teacher.store_dtype=DTYPE;
+    from bfloat16 to int8 the values are rounded twice. Resumable: run it again to finish a killed conversion.
+
+    \b
+    Example:
+      pipeline cache convert runs/store-vqav2-32shot runs/store-vqav2-32shot-int8 --dtype int8
+    """
+    from stages.progress import progress
+    from storage.convert import convert
+    fingerprint = convert(src, dst, dtype, lambda shards: progress(shards, desc="convert", unit="shard"))
+    click.echo(f"{dst}: {dtype} (fingerprint {fingerprint[:12]})")
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ class TeacherConfig:
     exclude_same_image: bool = False  # no ICD shows the query's picture; off = only the query itself is left out (the authors)
     store: str = ""                # store path or fsspec URL; "" = <run_dir>/store-<task>-<shots>shot
     capture: str = "ffn"           # what is stored per layer: ffn (MLP output) | attn (self-attention after o_proj)
-    store_dtype: str = ""          # dtype of the stored targets: "" = model.dtype | float32 | bfloat16 | float16
+    store_dtype: str = ""          # dtype of the stored targets: "" = model.dtype | float32 | bfloat16 | float16 | int8
+                                   # (8-bit, a scale per token, layer and 128 values: 0.52 of bfloat16's bytes; PROTOCOL.md)
                                    # (e.g. bfloat16 targets from a float32 model: half the bytes, what real runs store)
     span: str = "all"              # stored span tokens: all (image tokens included, the authors) | text (~5x smaller for Idefics2)
     logits: str = "off"            # the next-token distributions at the answer positions, which LIVE trains on:
@@ -66,6 +67,8 @@ class StudentConfig:
     out: str = ""                  # run directory for checkpoints, log and artifact; "" = <run_dir>/student-<task>-<shots>shot
                                    # (the shots of the store it trains from), + -<method and options> unless plain MimIC
     method: str = "mimic"          # mimic | lora | lora-dagger (W_o of the LM only, r=1) | mimic+lora | live (METHOD.md §5)
+                                   # | prompt-tuning | virtual-kv (teacher-free baselines, [compare])
+    num_queries: int = 0           # train on the store's first N queries (a prefix of its shuffled query list); 0 = all
     shift: str = "mimic"           # MimIC heads (seed Tab. 8): mimic (SA + μ·v) | linear ((1−μ)·SA + μ·h(q), h linear)
                                    # | vector ((1−μ)·SA + μ·h, h a learnable vector)
     mu: str = "query"              # MimIC gate μ: query (per head, from q and log Z2) | shared (one per layer, across heads)
@@ -73,12 +76,14 @@ class StudentConfig:
     heads_from: str = ""           # heads directory to start the MimIC heads from (e.g. mimic+lora on trained heads); "" = fresh
     lr: float = 5e-3               # AdamW learning rate of MimIC heads (seed §7.2)
     lora_lr: float = 5e-4          # AdamW learning rate of LoRA weights (seed §7.2)
+    prompt_lr: float = 3e-2        # AdamW learning rate of prompt tuning's virtual tokens (peft's prompt-tuning guide)
     weight_decay: float = 1e-3     # AdamW weight decay (seed Tab. 7)
     warmup_ratio: float = 0.1      # fraction of optimiser steps with linear warm-up, then cosine decay
     global_batch: int = 4          # sequences per optimiser step, whatever the world size
     micro_batch: int = 2           # sequences per forward on one rank
     epochs: int = 0                # 0 = 10 below 1000 training samples, else 5 (seed §7.2); 40 on the embedded default
-    w_align: float = 1.0           # weight of L_align (MSE against the stored teacher outputs)
+    w_align: float = 1.0           # weight of L_align (MSE against the stored teacher outputs); unset, the method's
+                                   # default (METHOD_DEFAULTS: 0 for the teacher-free methods)
     w_ce: float = 0.5              # weight of L_gt (language-model cross-entropy)
     ce_on: str = "all"             # L_gt on: all (every non-pad span token, the authors) | answer
     log_z2: str = "masked"         # masked (the derivation) | unmasked (the authors' code)
@@ -87,6 +92,9 @@ class StudentConfig:
     save_every: int = 50           # optimiser steps between DeepSpeed checkpoints (and at the end)
     seed: int = 0                  # heads init and data order
     shuffle_buffer: int = 64       # items in the reader's shuffle buffer
+    prefetch: int = 4              # micro-batches built ahead (images decoded, targets aligned) by a background thread
+    prefetch_mb: int = 1024        # ... and at most this many MB of them (one is built whatever its size: 0 = one at a
+                                   # time); neither changes what is trained (a real-width micro-batch of 2: ~170 MB)
     log: str = ""                  # also log the losses and lr per step: "" (losses.jsonl only) | tensorboard
                                    # (OUT/tensorboard; needs the optional tensorboard package: pip install -e ".[tensorboard]")
 
@@ -122,6 +130,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Per method, the student settings it takes where the config leaves them unset (an explicit value, even the
+# dataclass default, wins): the teacher-free baselines train on L_gt alone, as their authors did ([compare]).
+METHOD_DEFAULTS = {"prompt-tuning": {"w_align": 0.0}, "virtual-kv": {"w_align": 0.0}}
+
 CHOICES = {
     ("model", "family"): ("auto", "idefics", "idefics2", "idefics3"),
     ("model", "dtype"): ("float32", "bfloat16", "float16", "float64"),
@@ -129,12 +141,12 @@ CHOICES = {
     ("task", "support"): ("queries", "train"),
     ("teacher", "capture"): ("ffn", "attn"),
     ("teacher", "span"): ("all", "text"),
-    ("teacher", "store_dtype"): ("", "float32", "bfloat16", "float16"),
+    ("teacher", "store_dtype"): ("", "float32", "bfloat16", "float16", "int8"),
     ("teacher", "sampler"): ("uniform", "cover"),
     ("teacher", "on_bad_sample"): ("fail", "skip"),
     ("student", "ce_on"): ("all", "answer"),
     ("student", "log_z2"): ("masked", "unmasked"),
-    ("student", "method"): ("mimic", "lora", "lora-dagger", "mimic+lora", "live"),
+    ("student", "method"): ("mimic", "lora", "lora-dagger", "mimic+lora", "live", "prompt-tuning", "virtual-kv"),
     ("student", "shift"): ("mimic", "linear", "vector"),
     ("student", "mu"): ("query", "shared", "constant"),
     ("student", "log"): ("", "tensorboard"),
@@ -176,6 +188,7 @@ def _check(cfg: Config) -> Config:
     t, s = cfg.teacher, cfg.student
     positive = {"teacher.views": t.views, "teacher.batch_size": t.batch_size, "teacher.shard_size": t.shard_size,
                 "student.global_batch": s.global_batch, "student.micro_batch": s.micro_batch,
+                "student.prefetch": s.prefetch,
                 "eval.batch_size": cfg.eval.batch_size, "eval.num_beams": cfg.eval.num_beams}
     for key, value in positive.items():
         if value < 1:
@@ -186,8 +199,8 @@ def _check(cfg: Config) -> Config:
         raise UserError(f"config eval.shots: must be 0 or more, got {cfg.eval.shots}")
     non_negative = {"task.num_queries": cfg.task.num_queries, "eval.num_samples": cfg.eval.num_samples,
                     "task.seed": cfg.task.seed, "teacher.seed": t.seed, "student.seed": s.seed,
-                    "eval.seed": cfg.eval.seed,
-                    "student.shuffle_buffer": s.shuffle_buffer}
+                    "eval.seed": cfg.eval.seed, "student.num_queries": s.num_queries,
+                    "student.shuffle_buffer": s.shuffle_buffer, "student.prefetch_mb": s.prefetch_mb}
     for key, value in non_negative.items():
         if value < 0:
             raise UserError(f"config {key}: must be 0 or more, got {value}")
@@ -199,6 +212,9 @@ def _check(cfg: Config) -> Config:
     k = t.logits[5:] if t.logits.startswith("topk:") else ""
     if t.logits not in ("off", "full") and not (k.isdigit() and int(k) >= 1 and k == str(int(k))):
         raise UserError(f"config teacher.logits: {t.logits!r} is not one of off, topk:K (K >= 1, e.g. topk:64), full")
+    if t.logits != "off" and t.store_dtype == "int8":
+        raise UserError("config teacher.logits needs float targets: an int8 store holds no logits; "
+                        "set teacher.store_dtype to bfloat16 (or float16, float32) for a store with logits")
     if not 0 <= s.zero_stage <= 3:
         raise UserError(f"config student.zero_stage: must be 0, 1, 2 or 3, got {s.zero_stage}")
     return cfg
@@ -248,6 +264,9 @@ def load_config(fpath: str | None = None, overrides: typing.Iterable[str] = ()) 
             raise UserError(f"config: section '{name}' must be a mapping, got {type(values).__name__}")
         else:
             kwargs[name] = _section(name, typing.get_type_hints(Config)[name], values)
+    student = kwargs.get("student", StudentConfig())
+    unset = {k: v for k, v in METHOD_DEFAULTS.get(student.method, {}).items() if k not in data.get("student", {})}
+    kwargs["student"] = dataclasses.replace(student, **unset)
     return _check(Config(**kwargs))
 
 

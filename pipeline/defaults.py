@@ -52,9 +52,10 @@ def follow_store(cfg: Config, explicit: frozenset[str]) -> Config:
 
 
 def variant(s) -> str:
-    """A student config's method with its non-default MimIC options, e.g. "lora", "mimic-linear", "mimic-mu_shared";
-    "" for MimIC as the paper has it (its output directory keeps the plain name)."""
-    options = [x for x, default in ((s.shift, "mimic"), (f"mu_{s.mu}", "mu_query")) if x != default]
+    """A student config's method with its non-default MimIC options and training size, e.g. "lora", "mimic-linear",
+    "mimic-mu_shared", "virtual-kv-n32"; "" for MimIC as the paper has it (its output directory keeps the plain name)."""
+    options = [x for x, default in ((s.shift, "mimic"), (f"mu_{s.mu}", "mu_query"), (f"n{s.num_queries}", "n0"))
+               if x != default]
     name = "-".join([s.method, *options])
     return "" if name == "mimic" else name
 

@@ -109,6 +109,7 @@ def _evaluated(cfg) -> dict:
 def _ceiling(cfg, out_dpath: str) -> dict:
     """The MSE-only ceiling on cfg's after-SA store, or the one already measured with this same config."""
     from pipeline import mse_ceiling
+    from stages.evaluate import _write_json
     if _done(out_dpath, "ceiling.json", cfg):
         return json.load(open(os.path.join(out_dpath, "ceiling.json")))
     patched = mse_ceiling.run(cfg)
@@ -116,28 +117,40 @@ def _ceiling(cfg, out_dpath: str) -> dict:
     if os.path.exists(os.path.join(out_dpath, "ceiling.json")):  # never beside another config than its own
         os.remove(os.path.join(out_dpath, "ceiling.json"))
     for fname, obj in (("config.json", cfg.to_dict()), ("ceiling.json", patched)):  # the result last
-        with open(os.path.join(out_dpath, fname + ".tmp"), "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(os.path.join(out_dpath, fname + ".tmp"), os.path.join(out_dpath, fname))
+        _write_json(os.path.join(out_dpath, fname), obj)
     return patched
+
+
+def task_config(out: str, family: Family, u: int, num_samples: int, extra: tuple[str, ...]):
+    """Task u's data set, written under out/data (a no-op once complete); its run directory; and cfg(*overrides),
+    the config of one of its steps: N_TRAIN training queries, demonstrations by the cover sampler from the whole
+    training split, num_samples test queries, then `extra` and the overrides."""
+    from stages.tasks.toy_icl import model_dpath
+
+    name = f"{'perm' if family.name == 'lookup' else family.name}{u}"
+    root, run_dir = os.path.join(out, "data", name), os.path.join(out, name)
+    family.write(root, u, N_TRAIN)
+    base = (f"model.path={model_dpath()}", f"task.root={root}", f"run_dir={run_dir}", "teacher.sampler=cover",
+            "eval.sampler=cover", "task.support=train", f"task.num_queries={N_TRAIN}",
+            f"eval.num_samples={num_samples}", *extra)
+
+    def cfg(*overrides):
+        return resolve(load_config(None, [*base, *overrides]))
+    return run_dir, cfg
+
+
+def sweep_epochs(steps: int, n: int) -> int:
+    """Epochs of N queries that make about `steps` optimiser steps of GLOBAL_BATCH (exactly, where they divide)."""
+    return max(1, round(steps * GLOBAL_BATCH / n))
 
 
 def task_results(out: str, family: Family, u: int, num_samples: int, extra: tuple[str, ...], sweep: tuple[int, ...],
                  sweep_steps: int, log) -> dict:
     """Accuracy of every method on task u: {"zero_shot": a, "icl": {k: a}, name: {k: a}, "sweep": {N: {name: a}}}."""
     from stages import student, teacher
-    from stages.tasks.toy_icl import model_dpath
 
-    name = f"{'perm' if family.name == 'lookup' else family.name}{u}"
-    root, run_dir = os.path.join(out, "data", name), os.path.join(out, name)
-    family.write(root, u, N_TRAIN)  # a no-op once complete
-    base = (f"model.path={model_dpath()}", f"task.root={root}", f"run_dir={run_dir}", "teacher.sampler=cover",
-            "eval.sampler=cover", "task.support=train", f"task.num_queries={N_TRAIN}",
-            f"eval.num_samples={num_samples}", *extra)
+    run_dir, cfg = task_config(out, family, u, num_samples, extra)
     tag = family.label(u)
-
-    def cfg(*overrides):
-        return resolve(load_config(None, [*base, *overrides]))
 
     def accuracy(*overrides) -> float:
         return _evaluated(cfg(*overrides))["vqa_accuracy"]
@@ -179,7 +192,7 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
         if n != n_train:  # all training queries: the main table's store
             store.append(f"teacher.store={run_dir}/store-{SWEEP_SHOTS}shot-n{n}")
         teacher.run(cfg(*store))
-        epochs = max(1, round(sweep_steps * GLOBAL_BATCH / n))
+        epochs = sweep_epochs(sweep_steps, n)
         for method, overrides in STUDENTS.items():
             a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), *store, *overrides,
                         f"student.epochs={epochs}", f"student.global_batch={GLOBAL_BATCH}")
@@ -188,12 +201,15 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
     return result
 
 
+def stats(values) -> dict:
+    """Mean and standard error (nan for one value)."""
+    values = list(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": statistics.fmean(values), "se": se}
+
+
 def summarise(per_task: dict[int, dict]) -> dict:
     """Mean and standard error over tasks of each method at each k (and each N of the sweep)."""
-    def stats(values):
-        values = list(values)
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return {"mean": statistics.fmean(values), "se": se}
     rows = list(per_task.values())
     summary = {"zero_shot": stats(r["zero_shot"] for r in rows)}
     for name in ("icl", *STUDENTS, *PATCHED):
@@ -279,34 +295,35 @@ def plot(summary: dict, family: Family, fpath: str) -> None:
     _finish(plt, fig, ax, fpath)
 
 
-def plot_sweep(summary: dict, family: Family, sweep_steps: int, fpath: str) -> None:
+def plot_vs_n(lines: list[tuple[str, dict, str, float]], references: dict[str, dict], xlabel: str, title: str,
+              fpath: str) -> None:
+    """Accuracy against training-set size N: per (label, {N: stats}, marker, nudge) a line with error bars, nudged
+    sideways by the factor `nudge` so that equal values stay visible; per reference {label: stats} a grey level."""
     plt, fig, ax = _figure()
-    sweep = summary["sweep"]
-    ns = sorted(sweep, key=int)
-    for name in STUDENTS:
-        marker, nudge = MARKERS[name]
-        ax.errorbar([int(n) * nudge for n in ns], [sweep[n][name]["mean"] for n in ns],
-                    yerr=[sweep[n][name]["se"] for n in ns], marker=marker, label=LABELS[name])
-    for name, value, style in (("k = %d ICL" % SWEEP_SHOTS, summary["icl"][SWEEP_SHOTS], "--"),
-                               ("zero-shot", summary["zero_shot"], ":")):
-        ax.axhline(value["mean"], color="grey", linestyle=style, label=name)
+    ns = sorted({int(n) for _, values, _, _ in lines for n in values})
+    for label, values, marker, nudge in lines:
+        ax.errorbar([n * nudge for n in ns], [values[n]["mean"] for n in ns], yerr=[values[n]["se"] for n in ns],
+                    marker=marker, label=label)
+    for (label, value), style in zip(references.items(), ("--", ":", "-.")):
+        ax.axhline(value["mean"], color="grey", linestyle=style, label=label)
     ax.set_xscale("log")
-    ax.set_xticks([int(n) for n in ns], labels=[str(n) for n in ns])
-    ax.set_xlabel(f"N: training queries (teacher k = {SWEEP_SHOTS}, {sweep_steps} optimiser steps each)")
-    ax.set_title(f"{family.name} family", fontsize=10)
+    ax.set_xticks(ns, labels=[str(n) for n in ns])
+    ax.minorticks_off()  # within a decade the log axis would label its minor ticks too
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
     _finish(plt, fig, ax, fpath)
 
 
-def _worker(out: str, family: str, u: int, num_samples: int, extra: tuple[str, ...], sweep: tuple[int, ...],
-            sweep_steps: int, threads: int) -> dict:
-    """One task in a process of its own (--jobs), with its share of the cores."""
-    import torch
-    torch.set_num_threads(threads)
-    return task_results(out, families()[family], u, num_samples, extra, sweep, sweep_steps, print)
+def plot_sweep(summary: dict, family: Family, sweep_steps: int, fpath: str) -> None:
+    sweep = {int(n): by_method for n, by_method in summary["sweep"].items()}
+    plot_vs_n([(LABELS[name], {n: sweep[n][name] for n in sweep}, *MARKERS[name]) for name in STUDENTS],
+              {f"k = {SWEEP_SHOTS} ICL": summary["icl"][SWEEP_SHOTS], "zero-shot": summary["zero_shot"]},
+              f"N: training queries (teacher k = {SWEEP_SHOTS}, {sweep_steps} optimiser steps each)",
+              f"{family.name} family", fpath)
 
 
-def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
-        jobs: int = 1, sweep: tuple[int, ...] = SWEEP_SIZES, sweep_steps: int = SWEEP_STEPS) -> dict:
+def checked_family(family: str, tasks: list[int], jobs: int) -> Family:
+    """The family of that name, if `tasks` are some of its tasks and `jobs` is a number of processes."""
     known = families()
     if family not in known:
         raise UserError(f"unknown task family {family!r}; choose one of {', '.join(known)}")
@@ -317,21 +334,43 @@ def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[
                         f"got {'none' if not tasks else f'{len(outside)} outside, e.g. {outside[0]}'}")
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1; got {jobs}")
+    return fam
+
+
+def _in_process(threads: int, fn, u: int, args: tuple) -> dict:
+    """One task in a process of its own (--jobs), with its share of the cores."""
+    import torch
+    torch.set_num_threads(threads)
+    return fn(u, *args, print)
+
+
+def map_tasks(fn, tasks: list[int], jobs: int, args: tuple, log) -> dict:
+    """{u: fn(u, *args, log)} for every task u. Tasks are independent, so with jobs > 1 each of `jobs` processes
+    runs whole tasks (their own stores, students, evaluations); then fn and args must pickle, and log is print."""
+    if jobs == 1:
+        return {u: fn(u, *args, log) for u in tasks}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {u: pool.submit(_in_process, threads, fn, u, args) for u in tasks}
+        return {u: f.result() for u, f in futures.items()}
+
+
+def _family_task(u: int, out: str, family: str, *args) -> dict:
+    """task_results by the family's name, which pickles where a Family does not."""
+    return task_results(out, families()[family], u, *args)
+
+
+def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[str, ...] = (), log=print,
+        jobs: int = 1, sweep: tuple[int, ...] = SWEEP_SIZES, sweep_steps: int = SWEEP_STEPS) -> dict:
+    fam = checked_family(family, tasks, jobs)
     if any(not 0 < n <= N_TRAIN for n in sweep) or sweep_steps < 1:
         raise UserError(f"training-set sizes of the sweep must be in 1..{N_TRAIN} and its steps at least 1; "
                         f"got {list(sweep)}, {sweep_steps} steps")
     os.makedirs(out, exist_ok=True)
     t0 = time.monotonic()
-    if jobs == 1:
-        per_task = {u: task_results(out, fam, u, num_samples, extra, sweep, sweep_steps, log) for u in tasks}
-    else:  # tasks are independent: each job runs whole tasks (its own stores, students, evals)
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {u: pool.submit(_worker, out, family, u, num_samples, extra, sweep, sweep_steps, threads)
-                       for u in tasks}
-            per_task = {u: f.result() for u, f in futures.items()}
+    per_task = map_tasks(_family_task, tasks, jobs, (out, family, num_samples, extra, sweep, sweep_steps), log)
     minutes = (time.monotonic() - t0) / 60
     summary = summarise(per_task)
     results = {"family": family, "tasks": tasks, "labels": {u: fam.label(u) for u in tasks},

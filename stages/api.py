@@ -24,13 +24,15 @@ from stages import evaluate
 from stages.methods import METHOD_FNAME, load_artifact
 from stages.models import FAMILIES, LoadedModel, load_model
 from stages.models.encode import encode
-from stages.models.heads import attach, attached_heads, detach
+from stages.models.heads import MimicHeads, attach, attached_heads, detach
+from stages.models.prompt import attach_prompt, attached_prompt, detach_prompt
 from stages.models.provenance import check_base_model
 from stages.tasks import get_task
 from stages.tasks.prompts import build_prompt
 from stages.tasks.sample import Sample
 
 HEADS_NAME = "mimic_heads"  # the heads' name as a submodule of the model (and in its state_dict)
+VIRTUAL_KV_NAME, PROMPT_NAME = "virtual_kv", "prompt"  # virtual-kv's pairs and prompt tuning's vectors, likewise
 
 
 def load_with_heads(model_path: str, artifact_dpath: str, dtype: str = "float32", trust_remote_code: bool = False):
@@ -43,7 +45,9 @@ def load_with_heads(model_path: str, artifact_dpath: str, dtype: str = "float32"
     check_base_model(recorded, lm, artifact_dpath)
     load_artifact(artifact_dpath, lm)
     if isinstance(heads := attached_heads(lm), nn.Module):
-        lm.model.add_module(HEADS_NAME, heads)
+        lm.model.add_module(HEADS_NAME if isinstance(heads, MimicHeads) else VIRTUAL_KV_NAME, heads)
+    if (prompt := attached_prompt(lm)) is not None:
+        lm.model.add_module(PROMPT_NAME, prompt)
     lm.model.requires_grad_(False)  # frozen as a whole, as load_model leaves the base model
     return lm.model, lm.processor
 
@@ -56,13 +60,16 @@ def _loaded(model, processor=None) -> LoadedModel:
 
 @contextmanager
 def heads_off(model):
-    """Inside the block the model is the base model: MimIC heads detached, LoRA adapters disabled."""
+    """Inside the block the model is the base model: MimIC heads (or virtual keys and values) detached, LoRA
+    adapters disabled, prompt tuning's prompt off (inputs built inside the block have no virtual tokens, and inputs
+    with them are refused there)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     lm = _loaded(model)
     heads = attached_heads(lm)
     lora = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     trainable = {p: p.requires_grad for m in lora for p in m.parameters()}  # peft's enable_adapters sets them
     detach(lm)
+    prompt = detach_prompt(lm)
     for m in lora:
         m.enable_adapters(False)
     try:
@@ -70,6 +77,8 @@ def heads_off(model):
     finally:
         if heads is not None:
             attach(lm, heads)
+        if prompt is not None:
+            attach_prompt(lm, prompt)
         for m in lora:
             m.enable_adapters(True)
         for p, flag in trainable.items():

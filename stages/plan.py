@@ -96,6 +96,8 @@ def student_plan(cfg: "Config") -> dict:
         n_queries, data = _queries(cfg)
         n_items = n_queries
         items_from = f"queries (no store at {cfg.teacher.store} yet; queries from {data})"
+    if s.num_queries and n_items is not None:  # the first N queries (fewer items where some of them were skipped)
+        n_items, items_from = min(n_items, s.num_queries), f"{items_from}, its first student.num_queries"
     plan = {"stage": "student", "rank": rank, "world_size": world, "launcher": _launcher(), "model": _model(cfg),
             "store": cfg.teacher.store, "store_fingerprint": store["fingerprint"] if store else None,
             "items": n_items, "items_from": items_from, "out": s.out, "global_batch": s.global_batch,

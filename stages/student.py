@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from stages.batches import epoch_batches
 from stages.card import write_card
 from stages.dist import rank_and_world
 from stages.errors import UserError
@@ -30,7 +31,7 @@ from stages.tasks.prompts import build_prompt
 from stages.teacher import fingerprint_fields
 from storage import layout
 from storage.errors import StoreMismatch
-from storage.reader import TargetReader
+from storage.reader import TargetReader, open_manifest
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -65,9 +66,11 @@ def losses(logits_btv, hidden_btld, target_btld, span_mask_bt, ce_mask_bt, input
     n_values = span_mask_bt.sum() * hidden_btld.shape[2] * hidden_btld.shape[3]
     sq = (hidden_btld.float() - target_btld.float()).pow(2) * span_mask_bt[:, :, None, None]
     l_align = sq.sum() / n_values
-    ce_bt = torch.nn.functional.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), input_ids_bt[:, 1:],
-                                              reduction="none")
     mask = ce_mask_bt[:, 1:].float()
+    # Targets outside the mask are ignored, never looked up: there sit pads, BOS and prompt tuning's virtual ids
+    # (past the vocabulary, stages/models/prompt.py).
+    targets = input_ids_bt[:, 1:].masked_fill(mask == 0, -100)
+    ce_bt = torch.nn.functional.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), targets, reduction="none")
     l_gt = (ce_bt * mask).sum() / mask.sum().clamp(min=1)
     return l_align, l_gt
 
@@ -86,7 +89,10 @@ def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu
     ce_mask = inputs["attention_mask"].clone()
     for row, it in enumerate(items):
         n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
-        target[row, t - n:][keep] = it.hidden.float()
+        if keep.all():  # one converting copy, no float32 temporary: half the time at real width (BENCHMARKS.md P6)
+            target[row, t - n:].copy_(it.hidden)
+        else:
+            target[row, t - n:][keep] = it.hidden.float()
         span_mask[row, t - n:] = keep.float()
         ce_mask[row, : t - n] = 0  # L_gt predicts the span's tokens only, never BOS (from a pad position)
         if answer_starts:
@@ -94,6 +100,11 @@ def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu
     # The model may sit on an accelerator (DeepSpeed moves it there); the batch follows it.
     moved = [x.to(device) for x in (target, span_mask, ce_mask)]
     return {k: v.to(device) for k, v in inputs.items()}, *moved
+
+
+def batch_builder(lm, by_id: dict, answer_starts: dict):
+    """build(items) for the loop's prefetch (stages/batches.py): the images decoded, then make_batch on the CPU."""
+    return lambda items: make_batch(lm, items, [[by_id[it.sample_id].load_image()] for it in items], answer_starts)
 
 
 def answer_start(lm, kind: str, query) -> int:
@@ -158,11 +169,11 @@ def follow_store(cfg: "Config", manifest, explicit: frozenset[str], store: str) 
     return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, store=store, **recorded))
 
 
-def check_store(reader: TargetReader, expected_fields: dict, query_ids: tuple[str, ...], store: str, shots: int):
+def check_store(manifest, expected_fields: dict, query_ids: tuple[str, ...], store: str, shots: int):
     """Refuse a store made for another model, prompt, task, split, ... : one line per field. The teacher-only
     fields agree already where cfg came through follow_store (as from the `pipeline` command)."""
-    wanted = dataclasses.replace(reader.manifest, fingerprint_fields=expected_fields, query_ids=query_ids)
-    lines = reader.manifest.diff(wanted)
+    wanted = dataclasses.replace(manifest, fingerprint_fields=expected_fields, query_ids=query_ids)
+    lines = manifest.diff(wanted)
     if lines:
         raise _mismatch(store, lines, shots)
 
@@ -296,7 +307,8 @@ def _load_checkpoint(engine, ckpt_dpath: str, tag: str) -> dict:
     return client
 
 
-PART_NAMES = {"heads": "the heads'", "lora": "the LoRA", "live": "LIVE's"}
+PART_NAMES = {"heads": "the heads'", "lora": "the LoRA", "live": "LIVE's", "prompt": "the prompt's",
+              "virtual_kv": "the virtual keys' and values'"}
 
 
 def _stop_if_not_finite(record: dict, parts: dict, step: int, ckpt_dpath: str, bar) -> None:
@@ -329,8 +341,9 @@ def _setup_model(cfg: "Config", lm, method) -> tuple[dict, Student]:
     """The method's parts on the model (seeded: their initialisation), and the module DeepSpeed trains."""
     torch.manual_seed(cfg.student.seed)
     parts = method.add(lm, cfg.student)
-    # A part outside the model (MimIC heads, LIVE's vectors) is the Student's submodule, so DeepSpeed trains it.
-    outside = parts.get("heads", parts.get("live"))
+    # A part outside the model (MimIC heads, LIVE's vectors, a prompt, virtual keys and values) is the Student's
+    # submodule, so DeepSpeed trains it; LoRA lives inside the model.
+    outside = next((part for part in parts.values() if part is not lm.model), None)
     return parts, Student(lm.model, outside, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
 
 
@@ -354,12 +367,16 @@ def run(cfg: "Config") -> str:
     task = get_task(tc.name)
     queries = training_queries(task, tc.root, query_split(tc), tc.num_queries, seed=tc.seed)
     by_id = {q.id: q for q in queries}
+    if s.num_queries > len(queries):  # check_store below: the store holds these queries
+        raise UserError(f"student.num_queries = {s.num_queries} but store {cfg.teacher.store} is for {len(queries)} "
+                        f"queries (task.num_queries); train on at most {len(queries)}, or make a larger store")
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
-    # Each rank reads only its own part of every global step (the same items whatever the world size).
+    check_store(open_manifest(cfg.teacher.store), fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
+                cfg.teacher.store, cfg.teacher.shots)
+    # Each rank reads only its own part of every global step (the same items whatever the world size), of the
+    # store's first student.num_queries queries (the teacher drew their demonstrations from the whole pool).
     reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer,
-                          rank=rank, world_size=world, batch=s.global_batch)
-    check_store(reader, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries), cfg.teacher.store,
-                cfg.teacher.shots)
+                          rank=rank, world_size=world, batch=s.global_batch, queries=s.num_queries or None)
     if "kl" in METHODS[s.method].LOSSES and layout.logits_setting(reader.manifest) is None:
         raise UserError(f"method {s.method} trains on the teacher's answer-token logits, and store {cfg.teacher.store} "
                         f"has none; make a store with them: `pipeline run teacher --shots {cfg.teacher.shots} "
@@ -375,11 +392,14 @@ def run(cfg: "Config") -> str:
     if steps_per_epoch == 0:
         raise UserError(f"the store holds {len(reader)} items, fewer than one global batch of {s.global_batch}")
     total = epochs * steps_per_epoch
-    engine, scheduler = _setup_optimizer(cfg, model, groups, total, micro, accumulation, n_params.get("heads", n_params.get("live", 0)))
+    engine, scheduler = _setup_optimizer(cfg, model, groups, total, micro, accumulation,
+                                         sum(n for name, n in n_params.items() if parts[name] is not lm.model))
 
     ckpt_dpath, log_fpath = os.path.join(s.out, "checkpoints"), os.path.join(s.out, "losses.jsonl")
-    # What a resumed run must share with the run it continues (the data order and schedule depend on it).
-    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("out", "save_every", "log")}
+    # What a resumed run must share with the run it continues (the data order and schedule depend on it); how far
+    # ahead batches are built does not change them.
+    unshared = ("out", "save_every", "log", "prefetch", "prefetch_mb")
+    training = {k: v for k, v in dataclasses.asdict(s).items() if k not in unshared}
     os.makedirs(s.out, exist_ok=True)
     step = 0
     if os.path.isfile(os.path.join(ckpt_dpath, COMPLETE)):
@@ -415,44 +435,46 @@ def run(cfg: "Config") -> str:
     log = open(log_fpath, "a") if rank == 0 else None
     tb = _tensorboard(s.out, step) if rank == 0 and s.log == "tensorboard" else None
     bar = progress(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
-    per_rank = s.global_batch // world
+    build = batch_builder(lm, by_id, answer_starts)
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
-        items = reader.epoch(epoch, start=done * s.global_batch)
-        for _ in range(steps_per_epoch - done):
-            torch.manual_seed(s.seed * 1_000_003 + step)  # LoRA's dropout masks: a resumed run draws the same ones
-            batch = [next(items) for _ in range(per_rank)]
-            sums = torch.zeros(1 + len(logged), device=engine.device)  # NCCL reduces only accelerator tensors
-            for m0 in range(0, per_rank, micro):
-                micro_items = batch[m0: m0 + micro]
-                images = [[by_id[it.sample_id].load_image()] for it in micro_items]
-                inputs, target, span_mask, ce_mask = make_batch(lm, micro_items, images, answer_starts, engine.device)
-                logits, hidden = engine(**inputs)
-                l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
-                terms = {"align": l_align, "gt": l_gt}
-                if "kl" in method.LOSSES:
-                    terms["kl"] = method.kl_loss(logits, micro_items)
-                loss = sum(weights[name] * terms[name] for name in method.LOSSES)
-                engine.backward(loss)
-                engine.step()
-                sums += torch.stack([loss.detach(), *(terms[name].detach() for name in logged)]).float()
-            step += 1
-            if world > 1:
-                torch.distributed.all_reduce(sums)
-            record = dict(zip(("loss", *(f"l_{name}" for name in logged)), (sums / (accumulation * world)).tolist()))
-            _stop_if_not_finite(record, parts, step, ckpt_dpath, bar)
-            if log:
-                log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0]}) + "\n")
-                log.flush()
-            if tb:
-                for name, value in {**record, "lr": scheduler.get_last_lr()[0]}.items():
-                    tb.add_scalar(f"student/{name}", value, step)
-            # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
-            bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}", refresh=False)
-            bar.update(1)
-            if step % s.save_every == 0 or step == total:
-                _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": reader.state_dict(),
-                                                            "training": training}, rank)
+        with epoch_batches(reader, epoch, done, s, micro, build, engine.device) as batches:
+            for _ in range(steps_per_epoch - done):
+                torch.manual_seed(s.seed * 1_000_003 + step)  # LoRA's dropout masks: a resumed run draws the same ones
+                sums = torch.zeros(1 + len(logged), device=engine.device)  # NCCL reduces only accelerator tensors
+                wait_s = 0.0  # data wait: what the loop spent waiting for its micro-batches
+                for _ in range(accumulation):
+                    mb = next(batches)
+                    wait_s += mb.wait_s
+                    inputs, target, span_mask, ce_mask = mb.to(engine.device)
+                    logits, hidden = engine(**inputs)
+                    l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
+                    terms = {"align": l_align, "gt": l_gt}
+                    if "kl" in method.LOSSES:
+                        terms["kl"] = method.kl_loss(logits, mb.items)
+                    loss = sum(weights[name] * terms[name] for name in method.LOSSES)
+                    engine.backward(loss)
+                    engine.step()
+                    sums += torch.stack([loss.detach(), *(terms[name].detach() for name in logged)]).float()
+                step += 1
+                if world > 1:
+                    torch.distributed.all_reduce(sums)
+                record = dict(zip(("loss", *(f"l_{name}" for name in logged)), (sums / (accumulation * world)).tolist()))
+                _stop_if_not_finite(record, parts, step, ckpt_dpath, bar)
+                if log:
+                    log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0],
+                                          "data_wait_s": wait_s}) + "\n")
+                    log.flush()
+                if tb:
+                    for name, value in {**record, "lr": scheduler.get_last_lr()[0]}.items():
+                        tb.add_scalar(f"student/{name}", value, step)
+                # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
+                bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}",
+                                wait=f"{wait_s * 1000:.0f}ms", refresh=False)
+                bar.update(1)
+                if step % s.save_every == 0 or step == total:
+                    _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": mb.reader_state,
+                                                                "training": training}, rank)
     bar.close()
     if tb:
         tb.close()

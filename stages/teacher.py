@@ -23,7 +23,7 @@ from stages.tasks import get_task
 from stages.tasks.pools import icd_pool, query_split, same_picture, support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
 from stages.tasks.sampler import sample_icds
-from storage.manifest import FORMAT_VERSION, Manifest, creation_stamp, shard_owner
+from storage.manifest import Manifest, creation_stamp, format_version, shard_owner
 from storage.writer import Item, Logits, open_for_write
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def store_dtype(cfg: "Config") -> str:
 def _load_teacher(cfg: "Config") -> tuple[LoadedModel, torch.nn.Module]:
     import deepspeed
     if store_dtype(cfg) == "float64":
-        raise UserError("the teacher stores float32, bfloat16 or float16 targets; set teacher.store_dtype to one of these")
+        raise UserError("the teacher stores float32, bfloat16, float16 or int8 targets; set teacher.store_dtype to one of these")
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype, cfg.model.trust_remote_code)
     if torch.cuda.is_available():  # init_inference puts the model on the current device: this rank's own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
@@ -169,8 +169,11 @@ def _capture(lm, engine, capture: SpanCapture, prompts, query_ids, t, max_len, s
         enc = encode(lm, [prompts[r] for r in rows])
     capture.keep = max(enc.span_lens)
     device = next(lm.model.parameters()).device  # init_inference moved the model; the engine does not move inputs
+    # No KV cache and the logits of the span only (of one position without teacher.logits): at Idefics2-8b's size
+    # and a 32-shot prompt of ~2,600 tokens the cache would take ~340 MB and the full logits ~170 MB per prompt.
     with torch.inference_mode():
-        logits_btv = engine(**{k: v.to(device) for k, v in enc.inputs.items()}).logits
+        logits_btv = engine(**{k: v.to(device) for k, v in enc.inputs.items()}, use_cache=False,
+                            logits_to_keep=capture.keep if t.logits != "off" else 1).logits
     hidden_bkld = capture.stacked()
     store_dtype = hidden_bkld.dtype if t.store_dtype == "" else getattr(torch, t.store_dtype)
     for i, (row, n) in enumerate(zip(rows, enc.span_lens)):
@@ -200,7 +203,7 @@ def run(cfg: "Config") -> str:
                 exclude=same_picture_ids(worst))
     lm, engine = _load_teacher(cfg)
     dims = lm.dims
-    manifest = Manifest(FORMAT_VERSION, fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
+    manifest = Manifest(format_version(store_dtype(cfg)), fingerprint_fields(cfg, lm, task.kind), tuple(q.id for q in queries),
                         t.views, t.shard_size, dims.n_layers, dims.d_model, store_dtype(cfg),
                         **creation_stamp())  # kept by the rank that creates the store; volatile
     writer = open_for_write(t.store, manifest)
@@ -237,7 +240,9 @@ def run(cfg: "Config") -> str:
                 targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped,
                                    [answer_starts[q.id] for q, _ in batch] if t.logits != "off" else None)
                 batch, icd_ids, targets = _rows(targets, batch, icd_ids, targets)
-                items += [Item(q.id, v, span_ids, hidden_tld.to(getattr(torch, manifest.dtype)), tuple(ids), keep, logits)
+                # an int8 store takes float32 values: the writer quantizes them (on its thread)
+                values_dtype = torch.float32 if manifest.dtype == "int8" else getattr(torch, manifest.dtype)
+                items += [Item(q.id, v, span_ids, hidden_tld.to(values_dtype), tuple(ids), keep, logits)
                           for (q, v), ids, (span_ids, hidden_tld, keep, logits) in zip(batch, icd_ids, targets)]
             items = [it for it in items if it.sample_id not in skipped]  # a query refused at a later view
             if pending is not None:

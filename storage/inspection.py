@@ -16,7 +16,9 @@ def info(url: str) -> dict:
     markers, problems = layout.load_markers(root, m)
     missing = sorted(set(range(m.n_shards)) - set(markers))
     referenced = {mk.data for mk in markers.values()}
-    bytes_per_value = layout.STORED_DTYPE[m.dtype].itemsize
+    # an int8 store adds a float32 scale per layer and group of values to each token's L x d values
+    scales = 4 * layout.quant_groups(m.d_model) if m.dtype == "int8" else 0
+    bytes_per_token = m.n_layers * (m.d_model * layout.STORED_DTYPE[m.dtype].itemsize + scales)
     return {
         "url": url,
         "format_version": m.format_version,
@@ -29,8 +31,8 @@ def info(url: str) -> dict:
         "n_layers": m.n_layers,
         "d_model": m.d_model,
         "dtype": m.dtype,
-        "bytes_per_value": bytes_per_value,
-        "bytes_per_token": bytes_per_value * m.n_layers * m.d_model,
+        "bytes_per_value": bytes_per_token / (m.n_layers * m.d_model),
+        "bytes_per_token": bytes_per_token,
         "shards_total": m.n_shards,
         "shards_published": len(markers),
         "missing_shards": missing,

@@ -13,7 +13,7 @@ import numpy as np
 
 from storage._root import Root
 from storage.errors import StoreError
-from storage.manifest import FORMAT_VERSION, Manifest, canonical_json
+from storage.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, Manifest, canonical_json
 
 MANIFEST = "manifest.json"
 PUBLISHED = "published"     # one marker per published shard: published/000012.json
@@ -22,13 +22,20 @@ ARRAYS = ("hidden", "offsets", "token_ids", "keep", "sample_ids", "icd_offsets",
 # The optional teacher logits that LIVE trains on (PROTOCOL.md, "Reserved: logits"): a shard has them exactly
 # when the manifest's fingerprint_fields.logits is topk:K (all five) or full (all but logit_ids).
 RESERVED = ("logit_offsets", "logit_pos", "logit_ids", "logits", "logit_lse")
+# 8-bit targets (manifest dtype int8): `hidden` holds q, and `hidden_scale` one float32 s per row, layer and group
+# of QUANT_GROUP values, the values being q * s (PROTOCOL.md, "8-bit targets"). A shard has it exactly when the
+# store is int8. Groups, not one scale per vector: a single large value (LLMs' "massive activations" are ~1000x
+# the rest) would otherwise round every other value of its vector to 0.
+SCALE = "hidden_scale"
+QUANT_GROUP = 128
 DIMS = {"hidden": ("row", "layer", "hidden"), "offsets": ("item_edge",), "token_ids": ("token",), "keep": ("token",),
         "sample_ids": ("item",), "icd_offsets": ("item_edge",), "icd_ids": ("icd",),
         "logit_offsets": ("item_edge",), "logit_pos": ("logit_row",), "logit_ids": ("logit_row", "logit_k"),
-        "logits": ("logit_row", "logit_k"), "logit_lse": ("logit_row",)}
+        "logits": ("logit_row", "logit_k"), "logit_lse": ("logit_row",), SCALE: ("row", "layer", "group")}
 # Stored numpy dtype per manifest dtype; bfloat16 has no zarr/numpy dtype, so its raw bit pattern
 # is stored as little-endian uint16 (bit-exact, and readable by anything that can reinterpret bits).
-STORED_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+STORED_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
+INT8_MAX = 127  # q in [-127, 127]: symmetric, so -x quantizes to -q
 _MARKER_NAME = re.compile(r"^(\d{6,})\.json$")
 _DATA_NAME = re.compile(r"^(\d{6,})-[0-9a-f]{16}$")
 
@@ -75,9 +82,10 @@ def read_manifest(root: Root) -> Manifest:
     if version > FORMAT_VERSION:
         raise StoreError(f"store format version {version} is newer than this reader ({FORMAT_VERSION}); "
                          f"upgrade mimic-pipeline to read {root.url}")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_FORMAT_VERSION:
         shots = (json.loads(raw).get("fingerprint_fields") or {}).get("shots", "K")
-        raise StoreError(f"store {root.url} has format version {version}, this reader reads {FORMAT_VERSION} only; "
+        raise StoreError(f"store {root.url} has format version {version}, this reader reads versions "
+                         f"{OLDEST_FORMAT_VERSION} to {FORMAT_VERSION} only; "
                          f"rebuild it with `pipeline run teacher --shots {shots} --store NEW_PATH` and the config that made it")
     try:
         return Manifest.from_json(raw.decode("utf-8"))
@@ -115,7 +123,8 @@ class Marker:
             raise StoreError(f"{where} is not a valid shard marker ({e}); delete it to rewrite that shard") from None
         check_data_rel(marker.data, where)
         if (not isinstance(marker.skipped, dict) or not isinstance(marker.crc32, dict)
-                or not set(ARRAYS) <= set(marker.crc32) <= set(ARRAYS + RESERVED) or not isinstance(marker.tokens, int)):
+                or not set(ARRAYS) <= set(marker.crc32) <= set(ARRAYS + RESERVED + (SCALE,))
+                or not isinstance(marker.tokens, int)):
             raise StoreError(f"{where} is not a valid shard marker; delete it to rewrite that shard")
         return marker
 
@@ -219,7 +228,7 @@ def _array_json(name: str, shape: tuple[int, ...], dtype, value_dtype: str) -> b
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, n) for n in shape]}},
             "chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}},
             "fill_value": "" if is_str else 0, "codecs": [codec],
-            "attributes": {"value_dtype": value_dtype} if name in ("hidden", "logits") else {},
+            "attributes": {"value_dtype": value_dtype} if name in ("hidden", "logits", SCALE) else {},
             "dimension_names": list(DIMS[name]), "storage_transformers": []}
     return json.dumps(meta, indent=1).encode("utf-8")
 
@@ -251,7 +260,7 @@ def write_arrays(root: Root, rel: str, arrays: dict[str, np.ndarray | Rows], val
     through zarr: zarr's write path costs more than the bytes themselves at these sizes (BENCHMARKS.md,
     P4); tests read the result back with zarr. An empty array has no chunk file, as zarr leaves it.
     """
-    names = [n for n in ARRAYS + RESERVED if n in arrays]
+    names = [n for n in ARRAYS + RESERVED + (SCALE,) if n in arrays]
     for name in names:
         root.makedirs(f"{rel}/{name}")
     # `hidden` first: its fsync, by far the longest, then runs while the small files are written.
@@ -305,7 +314,12 @@ def read_meta(root: Root, manifest: Manifest, marker: Marker) -> dict[str, np.nd
     size = root.size(f"{marker.data}/{chunk_rel('hidden', 3)}")
     if size % (row * stored.itemsize):
         raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/hidden: {size} bytes is no whole number of rows")
-    arrays["hidden"] = np.broadcast_to(np.zeros((), stored), (size // (row * stored.itemsize), manifest.n_layers, manifest.d_model))
+    n_rows = size // (row * stored.itemsize)
+    arrays["hidden"] = np.broadcast_to(np.zeros((), stored), (n_rows, manifest.n_layers, manifest.d_model))
+    if SCALE in marker.crc32:  # its stand-in too: read per item, by read_rows
+        row = manifest.n_layers * quant_groups(manifest.d_model) * 4
+        size = root.size(f"{marker.data}/{chunk_rel(SCALE, 3)}") if n_rows else 0
+        arrays[SCALE] = np.broadcast_to(np.zeros((), "<f4"), (size // row, manifest.n_layers, quant_groups(manifest.d_model)))
     if names := logit_arrays(manifest):
         arrays |= _read_logit_meta(root, manifest, marker, names)
     return arrays
@@ -354,15 +368,43 @@ _META_DTYPE = {"offsets": np.dtype("<i8"), "token_ids": np.dtype("<i4"), "keep":
 
 
 def read_rows(root: Root, manifest: Manifest, marker: Marker, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a shard's `hidden`, [hi - lo, L, d] in the stored dtype: one byte-range read of
-    its uncompressed C-order chunk, whose row r starts at byte r * L * d * itemsize."""
+    """Rows [lo, hi) of a shard's `hidden`, [hi - lo, L, d]: one byte-range read of its uncompressed
+    C-order chunk, whose row r starts at byte r * L * d * itemsize. In the stored dtype, except for an
+    int8 store: there the values q * s in float32 (a second, small range read, of `hidden_scale`)."""
     stored = STORED_DTYPE[manifest.dtype]
     row = manifest.n_layers * manifest.d_model * stored.itemsize
+    names = ("hidden", SCALE) if manifest.dtype == "int8" else ("hidden",)
+    groups = quant_groups(manifest.d_model)
     try:
-        raw = root.read_range(f"{marker.data}/{chunk_rel('hidden', 3)}", lo * row, hi * row)
+        raw = [root.read_range(f"{marker.data}/{chunk_rel(name, 3)}", lo * size, hi * size)
+               for name, size in zip(names, (row, manifest.n_layers * groups * 4))]
     except StoreError as e:
-        raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/hidden: {e}") from None
-    return raw.view(stored).reshape(hi - lo, manifest.n_layers, manifest.d_model)
+        raise StoreError(f"shard {marker.shard}: cannot read {marker.data}/{names[-1]}: {e}") from None
+    values = raw[0].view(stored).reshape(hi - lo, manifest.n_layers, manifest.d_model)
+    return values if len(raw) == 1 else dequantize(values, raw[1].view("<f4").reshape(hi - lo, manifest.n_layers, groups))
+
+
+def quant_groups(d: int) -> int:
+    """Groups of QUANT_GROUP consecutive values in a vector of d (one group if QUANT_GROUP does not divide d)."""
+    return d // QUANT_GROUP if d % QUANT_GROUP == 0 else 1
+
+
+def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [..., d] -> (int8 q [..., d], float32 s [..., G]), G = quant_groups(d): per group of values,
+    s = max |x| / 127, q = x / s rounded to the nearest integer, ties to even (0 and s = 0 for all zeros)."""
+    values = np.asarray(values, np.float32)
+    grouped = values.reshape(*values.shape[:-1], quant_groups(values.shape[-1]), -1)
+    scale = (np.abs(grouped).max(axis=-1) / np.float32(INT8_MAX)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.rint(grouped / scale[..., None])
+    q = np.where(scale[..., None] > 0, q, 0)
+    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8).reshape(values.shape), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """q * s in float32 ([..., d] and [..., G]): the values an int8 store holds."""
+    grouped = q.reshape(*q.shape[:-1], scale.shape[-1], -1).astype(np.float32)
+    return (grouped * scale.astype(np.float32)[..., None]).reshape(q.shape)
 
 
 def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarray], *, checksums: bool) -> list[str]:
@@ -399,12 +441,28 @@ def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarra
     want_ids = [q for q in kept_queries(manifest, marker.shard, marker.skipped) for _ in range(manifest.views)]
     if [str(s) for s in sample_ids.tolist()] != want_ids:
         problems.append(f"{where}: sample_ids differ from the manifest's queries minus the skipped ones")
-    problems += _logit_problems(manifest, marker, arrays, where)
+    problems += _logit_problems(manifest, marker, arrays, where) + _scale_problems(manifest, marker, arrays, where)
     if checksums:
         for name in marker.crc32:
             if checksum(arrays[name]) != marker.crc32[name]:
                 problems.append(f"{where}: {name} does not match its checksum (corrupted or truncated data)")
     return problems
+
+
+def _scale_problems(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarray], where: str) -> list[str]:
+    """`hidden_scale`: present exactly in an int8 store, one finite, non-negative float32 per row, layer and group."""
+    int8 = manifest.dtype == "int8"
+    if (SCALE in marker.crc32) != int8:
+        return [f"{where}: {'lacks' if int8 else 'has'} {SCALE}, which a{'n int8' if int8 else f' {manifest.dtype}'} "
+                "store's shards " + ("have" if int8 else "do not have")]
+    if not int8:
+        return []
+    scale, want = arrays[SCALE], (len(arrays["hidden"]), manifest.n_layers, quant_groups(manifest.d_model))
+    if scale.shape != want or scale.dtype != np.dtype("<f4"):
+        return [f"{where}: {SCALE} has shape {scale.shape} and dtype {scale.dtype}, expected {want} float32"]
+    if scale.size and not (np.isfinite(scale) & (scale >= 0)).all():
+        return [f"{where}: {SCALE} holds a negative or non-finite scale"]
+    return []
 
 
 def _logit_problems(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarray], where: str) -> list[str]:

@@ -18,12 +18,19 @@ from importlib import metadata
 
 from storage.errors import StoreError, StoreMismatch
 
-FORMAT_VERSION = 3  # 3: flat chunk keys, CRC-32 checksums, reserved logits arrays; PROTOCOL.md, Versioning
-DTYPES = ("float32", "float16", "bfloat16")
+FORMAT_VERSION = 4  # the newest this code reads and writes: 4 added int8 values (PROTOCOL.md, Versioning)
+OLDEST_FORMAT_VERSION = 3  # 3: flat chunk keys, CRC-32 checksums, reserved logits arrays
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 # Fields that change from run to run without changing the targets: excluded from the fingerprint,
 # from diff() and from "identical store" comparisons.
 VOLATILE = ("created_at", "created_by")
 PACKAGE = "mimic-pipeline"
+
+
+def format_version(dtype: str) -> int:
+    """The format a store of `dtype` values is written in: 4 for int8, which a version-3 reader cannot read;
+    3 for the float dtypes, whose stores version 4 left as they were (and so their fingerprints)."""
+    return 4 if dtype == "int8" else OLDEST_FORMAT_VERSION
 
 
 def canonical_json(obj) -> bytes:
@@ -36,14 +43,14 @@ def canonical_json(obj) -> bytes:
 class Manifest:
     """Everything that determines a store's targets, written once before any shard.
 
-    format_version: on-disk format of the store (FORMAT_VERSION when written by this code).
+    format_version: on-disk format of the store (format_version(dtype) when written by this code).
     fingerprint_fields: opaque JSON object from the teacher (model, processor, prompt, task, split,
         shots, sampler, seed, span, capture point, ...); storage only hashes and compares it.
     query_ids: the ordered query list; shard i holds queries [i*shard_size, (i+1)*shard_size).
     views: V, independent ICD draws stored per query.
     shard_size: queries per shard (the last shard may hold fewer).
     n_layers, d_model: the L and d of every hidden [t, L, d] block.
-    dtype: dtype of the hidden states ("float32", "float16" or "bfloat16").
+    dtype: dtype of the hidden states ("float32", "float16", "bfloat16", or "int8": 8-bit with scales, PROTOCOL.md).
     created_at, created_by: volatile (see creation_stamp); informational only.
     """
 
@@ -76,6 +83,9 @@ class Manifest:
                 raise StoreError(f"manifest field {name} must be a positive integer, got {value!r}")
         if self.dtype not in DTYPES:
             raise StoreError(f"manifest dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "int8" and self.format_version < format_version("int8"):  # older formats hold floats only
+            raise StoreError(f"a store of {self.dtype} values needs format version {format_version(self.dtype)}, "
+                             f"the manifest says {self.format_version}")
         if len(set(self.query_ids)) != len(self.query_ids):
             dup, n = Counter(self.query_ids).most_common(1)[0]
             raise StoreError(f"query ids must be unique; {dup!r} appears {n} times")

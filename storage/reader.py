@@ -22,13 +22,13 @@ from storage.writer import Item, Logits
 READERS = 8  # item reads in flight per reader (BENCHMARKS.md, P4 cold read)
 
 
-def read_items(url: str) -> Iterator[Item]:
-    """Every published item, in query order (views of a query in order); unpublished shards and
-    skipped queries are absent. Each shard's `hidden` is read in one piece."""
+def read_items(url: str, shards=None) -> Iterator[Item]:
+    """Every published item (of the given shards only, if given), in query order (views of a query in
+    order); unpublished shards and skipped queries are absent. Each shard's `hidden` is read in one piece."""
     root = Root(url)
     manifest = layout.read_manifest(root)
     markers = _markers(root, manifest)
-    for shard in sorted(markers):
+    for shard in sorted(markers if shards is None else set(shards) & set(markers)):
         meta = _Shard(root, manifest, markers[shard])
         hidden = _as_torch(layout.read_rows(root, manifest, markers[shard], 0, int(meta.rows[-1])), manifest.dtype)
         for i in range(len(meta.sample_ids)):
@@ -53,10 +53,14 @@ class TargetReader:
     Checkpointing: save `state_dict()` with the student's checkpoint; after a restart,
     `load_state_dict(d)` and continue with `epoch(d["epoch"], start=d["step"])` (when step equals
     the items of the epoch's whole steps that epoch is finished: go on with the next one).
+
+    queries=N reads the items of the store's first N queries only (student.num_queries): the epochs, their
+    length, resume and the data-parallel split are those of a store that held just them.
     """
 
     def __init__(self, url: str, *, seed: int, shuffle_buffer: int = 64, prefetch: int = 16,
-                 require_complete: bool = True, rank: int = 0, world_size: int = 1, batch: int = 1):
+                 require_complete: bool = True, rank: int = 0, world_size: int = 1, batch: int = 1,
+                 queries: int | None = None):
         if seed < 0 or prefetch < 1 or shuffle_buffer < 0:
             raise ValueError(f"need seed >= 0, prefetch >= 1, shuffle_buffer >= 0; got {seed}, {prefetch}, {shuffle_buffer}")
         if not 0 <= rank < world_size or batch < 1 or batch % world_size:
@@ -71,8 +75,13 @@ class TargetReader:
         if require_complete and missing:
             raise StoreError(f"store {url} is incomplete: {len(missing)} of {self.manifest.n_shards} shards are not "
                              f"published ({_some(missing)}); rerun the teacher with the same configuration to fill them")
-        # Items per epoch in each shard: its queries minus the skipped ones.
-        self._n_kept = {s: len(layout.kept_queries(self.manifest, s, m.skipped)) for s, m in self._markers.items()}
+        if queries is not None and not 1 <= queries <= self.manifest.n_queries:
+            raise ValueError(f"need 1 <= queries <= {self.manifest.n_queries} (the store's queries), got {queries}")
+        # Items per epoch in each shard: its queries minus the skipped ones, of the first `queries` only. A shard's
+        # kept queries are in query order, so those among the first N are its first ones: order() indexes them as is.
+        first = set(self.manifest.query_ids[:queries])
+        self._n_kept = {s: sum(q in first for q in layout.kept_queries(self.manifest, s, m.skipped))
+                        for s, m in self._markers.items()}
         self._state = {"epoch": 0, "step": 0}
 
     def __len__(self) -> int:
@@ -221,7 +230,8 @@ class _Shard:
 
 
 def _as_torch(values: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored values as a torch tensor of the manifest dtype (bfloat16 from its uint16 bits)."""
+    """Stored values as a torch tensor of the manifest dtype (bfloat16 from its uint16 bits; an int8 store's
+    values come dequantized, in float32, from layout.read_rows)."""
     values = values.astype(values.dtype.newbyteorder("="), copy=False)
     if dtype == "bfloat16":
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)

@@ -45,7 +45,8 @@ class Item:
     sample_id: the query id. view: which of the V ICD draws (0 <= view < V).
     token_ids: int32 [t], ids of the query + answer + EOS span.
     hidden: [t, L, d] in the manifest dtype. The writer takes a torch tensor, or a numpy array
-        (uint16 bit patterns for bfloat16); readers always return a torch tensor.
+        (uint16 bit patterns for bfloat16); readers always return a torch tensor. An int8 store takes
+        float32 values and quantizes them (layout.quantize); its readers return q * s in float32.
     icd_ids: ids of the in-context demonstrations of this view, in prompt order.
     keep: bool [t], which span tokens have a row in `hidden` (None: all of them; a text-only span
         leaves out the image tokens). `hidden` then has keep.sum() rows.
@@ -147,7 +148,7 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         raise ValueError(f"shard {shard} needs {len(want)} items (query-major, view-minor, skipped left out); "
                          f"got {len(got)}, first difference at item {first}: "
                          f"got {got[first] if first < len(got) else None}, expected {want[first] if first < len(want) else None}")
-    hidden, token_ids, keeps, icd_ids = [], [], [], []
+    hidden, scales, token_ids, keeps, icd_ids = [], [], [], [], []
     for it in items:
         ids = np.asarray(it.token_ids)
         if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) == 0:
@@ -156,7 +157,10 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         keep = np.ones(len(ids), bool) if it.keep is None else np.asarray(it.keep, bool)
         if keep.shape != ids.shape:
             raise ValueError(f"item ({it.sample_id}, {it.view}): keep has shape {keep.shape}, token_ids {ids.shape}")
-        h = _stored_values(it.hidden, m.dtype, f"item ({it.sample_id}, {it.view})")
+        h = _stored_values(it.hidden, "float32" if m.dtype == "int8" else m.dtype, f"item ({it.sample_id}, {it.view})")
+        if m.dtype == "int8":
+            h, scale = layout.quantize(h)
+            scales.append(scale)
         if h.shape != (int(keep.sum()), m.n_layers, m.d_model):
             raise ValueError(f"item ({it.sample_id}, {it.view}): hidden has shape {tuple(h.shape)}, "
                              f"expected {(int(keep.sum()), m.n_layers, m.d_model)} [kept tokens, layers, d]")
@@ -166,7 +170,9 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         icd_ids.append([str(c) for c in it.icd_ids])
     lengths = [len(t) for t in token_ids]
     stored = layout.STORED_DTYPE[m.dtype]
-    return {**_logit_arrays(m, items, lengths),
+    groups = (m.n_layers, layout.quant_groups(m.d_model))
+    scale = {layout.SCALE: layout.Rows(scales, groups, np.dtype("<f4"))} if m.dtype == "int8" else {}
+    return {**_logit_arrays(m, items, lengths), **scale,
         "hidden": layout.Rows(hidden, (m.n_layers, m.d_model), stored),  # [K, L, d], K = kept tokens
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype("<i8"),
         "token_ids": np.concatenate(token_ids) if token_ids else np.zeros(0, "<i4"),
@@ -184,6 +190,8 @@ def _logit_arrays(m: Manifest, items: list[Item], lengths: list[int]) -> dict[st
         if any(it.logits is not None for it in items):
             raise ValueError("items carry logits, but the manifest's fingerprint_fields.logits says the store holds none")
         return {}
+    if m.dtype == "int8":
+        raise ValueError("an int8 store holds no logits (PROTOCOL.md, 8-bit targets); store them in a float dtype")
     k = setting[1]
     pos, ids, values, lse = [], [], [], []
     for it, n in zip(items, lengths):

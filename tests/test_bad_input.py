@@ -24,7 +24,7 @@ from stages import teacher
 from storage import layout
 from storage._root import Root
 from storage.inspection import info, verify
-from storage.manifest import FORMAT_VERSION
+from storage.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION
 
 QUESTIONS, ANNOTATIONS = "v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"
 
@@ -366,13 +366,13 @@ def test_store_with_shard_data_missing(pipeline, store_copy):
     assert code == 1 and re.search(r"shard 1: cannot (open|read) shards/000001-", err), err
 
 
-@pytest.mark.parametrize("version", [99, FORMAT_VERSION - 1] if FORMAT_VERSION > 1 else [99])
+@pytest.mark.parametrize("version", [99, OLDEST_FORMAT_VERSION - 1])
 def test_manifest_of_an_unknown_format_version(pipeline, model_dirs, data_root, store_copy, tmp_path, version):
     fpath = os.path.join(store_copy, layout.MANIFEST)
     manifest = json.load(open(fpath))
     json.dump({**manifest, "format_version": version}, open(fpath, "w"))
     pattern = (rf"store format version {version} is newer than this reader \(\d+\); upgrade mimic-pipeline"
-               if version > FORMAT_VERSION else rf"has format version {version}, this reader reads \d+ only")
+               if version > FORMAT_VERSION else rf"has format version {version}, this reader reads versions \d+ to \d+ only")
     one_error(pipeline("cache", "info", store_copy), pattern)
     one_error(pipeline(*student_args(model_dirs["idefics2"], data_root, store_copy, tmp_path / "student")), pattern)
     one_error(pipeline(*teacher_args(model_dirs["idefics2"], data_root, store_copy)), pattern)
@@ -465,6 +465,7 @@ def test_on_bad_sample_skip_records_the_reasons_and_the_student_leaves_them_out(
     ("student.save_every=0", "config student.save_every: must be at least 1"),
     ("task.num_queries=-1", "config task.num_queries: must be 0 or more, got -1"),
     ("student.shuffle_buffer=-2", "config student.shuffle_buffer: must be 0 or more, got -2"),
+    ("student.prefetch=0", "config student.prefetch: must be at least 1, got 0"),
 ])
 def test_out_of_range_config_values(override, message):
     from pipeline.config import load_config

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from storage import layout
 from storage.errors import StoreError, StoreMismatch
 from storage.inspection import info, verify
-from storage.manifest import FORMAT_VERSION, VOLATILE, Manifest, shard_owner
+from storage.manifest import FORMAT_VERSION, OLDEST_FORMAT_VERSION, VOLATILE, Manifest, shard_owner
 from storage.reader import TargetReader, open_manifest, read_items
 from storage.writer import Item, open_for_write
 
@@ -414,12 +414,12 @@ def test_unknown_format_version_is_refused(store):
     with pytest.raises(StoreError, match=re.escape(expected)):
         open_for_write(store, make_manifest(n_queries=8, shard_size=3))
     assert verify(store)[0].startswith(expected)
-    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": FORMAT_VERSION - 1}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": OLDEST_FORMAT_VERSION - 1}))
     with pytest.raises(StoreError) as e:
         open_manifest(store)
-    assert str(e.value) == (f"store {store} has format version {FORMAT_VERSION - 1}, this reader reads {FORMAT_VERSION} "
-                            "only; rebuild it with `pipeline run teacher --shots 32 --store NEW_PATH` and the config "
-                            "that made it")  # one line, with the command (shots: the old manifest's)
+    assert str(e.value) == (f"store {store} has format version {OLDEST_FORMAT_VERSION - 1}, this reader reads versions "
+                            f"{OLDEST_FORMAT_VERSION} to {FORMAT_VERSION} only; rebuild it with `pipeline run teacher "
+                            "--shots 32 --store NEW_PATH` and the config that made it")  # one line, with the command
 
 
 def test_a_directory_with_other_files_is_not_taken_over(tmp_path):
@@ -481,6 +481,7 @@ def test_protocol_marker_and_array_tables_match_the_code():
     assert [r[1] for r in rows] == [_JSON_TYPE[f.type] for f in dataclasses.fields(layout.Marker)]
     assert [r[0].strip("`") for r in _table("Shard data")] == list(layout.ARRAYS)
     assert [r[0].strip("`") for r in _table("Reserved: logits")] == list(layout.RESERVED)
+    assert [r[0].strip("`") for r in _table("8-bit targets")] == [layout.SCALE]
     assert f"format version {FORMAT_VERSION}" in (REPO / "storage" / "PROTOCOL.md").read_text().splitlines()[0]
 
 

@@ -1,6 +1,7 @@
 """The student end to end, as separate processes (DeepSpeed keeps process-global state)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def test_student_trains_heads_and_logs_losses(setup):
     rows = [json.loads(line) for line in open(out / "losses.jsonl")]
     assert len(rows) == 10 * 16 // 4 and rows[-1]["step"] == 40
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # the seconds each step waited for its batches, logged and shown on the progress bar
+    assert all(type(r["data_wait_s"]) is float and r["data_wait_s"] >= 0 for r in rows), rows
+    assert re.search(r"student: 100%.*40/40.*wait=\d+ms", result.stderr), result.stderr[-2000:]
     config = json.load(open(out / "heads" / "heads.json"))
     assert (config["n_layers"], config["n_heads"], config["head_dim"]) == (4, 4, 16)
 
@@ -108,7 +112,8 @@ def test_killed_student_resumes_to_identical_heads(setup):
     assert (f"resuming from checkpoint after step {step} of 40 (epoch {epoch} continues at item {4 * done})"
             in resumed.stdout), resumed.stdout
     expected = [json.loads(line) for line in open(full / "losses.jsonl")]
-    for got, want in zip(rows, expected):  # loss, its parts, lr and epoch, bit for bit
+    for got, want in zip(rows, expected):  # loss, its parts, lr and epoch, bit for bit; not the data wait, a timing
+        assert got.pop("data_wait_s") >= 0 and want.pop("data_wait_s") >= 0
         assert got == want, f"resumed after step {step}: step {want['step']} differs"
     a, b = _heads(full), _heads(killed)
     for name in a:

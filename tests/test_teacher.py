@@ -29,6 +29,7 @@ from stages import teacher
 from stages.models import load_model
 from storage import layout
 from storage._root import Root
+from storage.convert import convert
 from storage.inspection import verify
 from storage.manifest import VOLATILE
 from storage.reader import open_manifest, read_items
@@ -298,6 +299,28 @@ def test_store_dtype_rounds_the_model_outputs_and_is_in_the_fingerprint(model_di
         bits = a.hidden.numpy().view(np.uint32).astype(np.uint64)  # round to nearest even, by hand on the bits
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
         assert np.array_equal(b.hidden.view(torch.int16).numpy().view(np.uint16), rounded)
+    convert(stores[""], str(tmp_path / "converted"), "bfloat16")  # `pipeline cache convert`: the same store
+    _assert_same_store(str(tmp_path / "converted"), stores["bfloat16"])
+
+
+def test_int8_store_holds_the_model_outputs_quantized_per_token_and_layer(model_dirs, data_root, tmp_path):
+    """teacher.store_dtype=int8: each stored token and layer is the float32 store's vector x quantized by hand per
+    group of 128 values (the tiny model's d, unless 128 divides it), s = max |x| / 127, q = round-half-even(x / s),
+    read back as q * s."""
+    stores = {}
+    for dtype in ("", "int8"):
+        stores[dtype] = str(tmp_path / f"store-{dtype or 'model'}")
+        teacher.run(_config(model_dirs["idefics2"], data_root, stores[dtype], tmp_path, "teacher.shots=2",
+                            "task.num_queries=4", "teacher.shard_size=4", f"teacher.store_dtype={dtype}"))
+    assert open_manifest(stores["int8"]).dtype == "int8"
+    for a, b in zip(read_items(stores[""]), read_items(stores["int8"]), strict=True):
+        d = a.hidden.shape[-1]
+        x = a.hidden.reshape(*a.hidden.shape[:-1], d // 128 if d % 128 == 0 else 1, -1)
+        s = x.abs().amax(dim=-1, keepdim=True) / 127
+        assert b.hidden.dtype == torch.float32 and torch.equal(b.hidden, (torch.round(x / s) * s).reshape(a.hidden.shape))
+    # `pipeline cache convert` of the float32 store is that same store: same fingerprint, markers and values
+    convert(stores[""], str(tmp_path / "converted"), "int8")
+    _assert_same_store(str(tmp_path / "converted"), stores["int8"])
 
 
 # -- 3. ranks --------------------------------------------------------------------------------------

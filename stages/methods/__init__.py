@@ -6,12 +6,14 @@ A method is a module of this package with
                           answer-token distributions, kl_loss(logits, items); the store must hold them)
   add(lm, s)              what it adds to the frozen model, in place: its trained parts by name, each a module
                           whose trainable parameters are that part's ("heads": MimIC heads outside the model,
-                          "lora": the model itself, where only the injected LoRA weights train; "live": LIVE's vectors)
+                          "lora": the model itself, where only the injected LoRA weights train; "live": LIVE's vectors;
+                          "prompt": prompt tuning's virtual tokens; "virtual_kv": virtual keys and values)
   param_groups(parts, s)  what it trains, at which learning rate
   save(parts, state, dpath, meta)  its artifact, from `state`: per part, the fp32 master values of its
                           trainable parameters by name
   load(dpath, lm)         the artifact put back on a loaded model, for evaluation
-The teacher-free baselines ([compare]) are further modules here with their own LOSSES.
+The teacher-free baselines ([compare]), prompt-tuning and virtual-kv, take the same losses; their w_align is 0 unless
+set (pipeline/config.py METHOD_DEFAULTS).
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ import os
 from types import ModuleType
 
 from stages.errors import UserError
-from stages.methods import live, lora, lora_dagger, mimic, mimic_lora
+from stages.methods import live, lora, lora_dagger, mimic, mimic_lora, prompt_tuning, virtual_kv
 
-METHODS: dict[str, ModuleType] = {"mimic": mimic, "lora": lora, "lora-dagger": lora_dagger, "mimic+lora": mimic_lora, "live": live}
+METHODS: dict[str, ModuleType] = {"mimic": mimic, "lora": lora, "lora-dagger": lora_dagger, "mimic+lora": mimic_lora,
+                                  "live": live, "prompt-tuning": prompt_tuning, "virtual-kv": virtual_kv}
 METHOD_FNAME = "method.json"  # in a student's output directory: which method made the artifact beside it
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from stages.errors import UserError
 from stages.models import LoadedModel
+from stages.models.prompt import with_prompt
 from stages.tasks.prompts import Piece, Prompt
 
 
@@ -53,7 +54,8 @@ class Encoded:
 
 
 def encode(lm: LoadedModel, prompts: list[Prompt], max_len: int | None = None) -> Encoded:
-    """Model inputs for a batch of prompts; with drop_context, a row is [BOS] + span."""
+    """Model inputs for a batch of prompts; with drop_context, a row is [BOS] + span (with prompt tuning's virtual
+    tokens after BOS while the model carries a prompt: stages/models/prompt.py)."""
     rows, spans, images = [], [], []
     for p in prompts:
         ids, start = tokenize(lm, p)
@@ -63,11 +65,12 @@ def encode(lm: LoadedModel, prompts: list[Prompt], max_len: int | None = None) -
         rows.append([ids[0]] + ids[start:] if p.drop_context else ids)
         spans.append(ids[start:])
         images.append([x for x in pieces if isinstance(x, Image.Image)])
-    inputs = lm.adapter.model_inputs(lm.processor, rows, images)
+    inputs = lm.adapter.model_inputs(lm.processor, with_prompt(lm.model, rows), images)
     return Encoded(inputs, spans, [len(s) for s in spans])
 
 
 def inputs_from_spans(lm: LoadedModel, span_ids: list[list[int]], images: list[list[Image.Image]]) -> dict:
-    """The student's zero-shot sequence [BOS] + stored span, with the query's images (METHOD.md §4)."""
+    """The student's zero-shot sequence [BOS] + stored span, with the query's images (METHOD.md §4); with prompt
+    tuning, its virtual tokens after BOS."""
     rows = [[lm.tokenizer.bos_token_id] + list(s) for s in span_ids]
-    return lm.adapter.model_inputs(lm.processor, rows, images)
+    return lm.adapter.model_inputs(lm.processor, with_prompt(lm.model, rows), images)

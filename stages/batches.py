@@ -1,0 +1,125 @@
+"""The student's data path behind a prefetch: a background thread takes the rank's items of an epoch from the
+reader, decodes their images and builds the micro-batches (model inputs and aligned targets) on the CPU, so
+that the training loop finds each one ready instead of building it between two steps.
+
+What waits ready is bounded twice: at most `depth` micro-batches and at most `max_bytes` of their tensors and
+items. One micro-batch is always let through, however large, so a budget below one batch slows the loop down
+but never stops it. The order and content are the inline loop's: micro-batch n is build() of items
+[n·micro, (n+1)·micro) of the same iterator.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable, Generator
+
+import torch
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    items: list           # the store items it was built from (LIVE's loss reads their teacher logits)
+    tensors: tuple        # what build() returned, on the CPU: (inputs dict, target, span_mask, ce_mask)
+    nbytes: int           # its tensors' bytes and its items' targets
+    reader_state: dict    # the reader's position after its last item: the checkpoint's at the end of a step
+    wait_s: float = 0.0   # seconds the training loop waited for it
+
+    def to(self, device) -> tuple:
+        """The tensors on `device` (asynchronous from pinned memory)."""
+        inputs, *rest = self.tensors
+        move = lambda x: x.to(device, non_blocking=True)  # noqa: E731
+        return {k: move(v) for k, v in inputs.items()}, *map(move, rest)
+
+
+def _nbytes(tensors: tuple, items: list) -> int:
+    inputs, *rest = tensors
+    return (sum(x.nbytes for x in (*inputs.values(), *rest) if isinstance(x, torch.Tensor))
+            + sum(it.hidden.nbytes for it in items))
+
+
+class Prefetch:
+    """Micro-batches of `micro` items each, all of `items`, built by `build(items)` on a thread of their own.
+
+    Use it in a `with` block: leaving the block, however it is left, stops the thread, and the thread closes `items` (a
+    reader's epoch, which then stops its own prefetch). An error raised by the reader or by build() is raised
+    by next() in the loop, in its place in the order, as it was raised.
+    """
+
+    def __init__(self, items: Generator, build: Callable[[list], tuple], *, micro: int,
+                 reader_state: Callable[[], dict], depth: int, max_bytes: int, pin: bool = False):
+        self._ready: collections.deque = collections.deque()  # MicroBatch, then an exception or None (the end)
+        self._bytes, self._stop, self._cond = 0, False, threading.Condition()
+        self.depth, self.max_bytes = depth, max_bytes
+        self._thread = threading.Thread(target=self._fill, args=(items, build, micro, reader_state, pin),
+                                        daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self) -> MicroBatch:
+        t0 = time.perf_counter()
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready)
+            got = self._ready[0]
+            if got is None:  # the end: left in place, so that every later next() ends too
+                raise StopIteration
+            self._ready.popleft()
+            if isinstance(got, BaseException):
+                raise got
+            self._bytes -= got.nbytes
+            self._cond.notify_all()
+        got.wait_s = time.perf_counter() - t0
+        return got
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+
+    def _fill(self, items: Generator, build, micro: int, reader_state, pin: bool) -> None:
+        try:
+            while group := list(itertools.islice(items, micro)):
+                state = reader_state()  # read here, on the thread that advances the reader
+                tensors = build(group)
+                if pin:  # page-locked, so that the copy to the accelerator runs while the loop goes on
+                    inputs, *rest = tensors
+                    tensors = ({k: v.pin_memory() for k, v in inputs.items()}, *(x.pin_memory() for x in rest))
+                if not self._put(MicroBatch(group, tensors, _nbytes(tensors, group), state)):
+                    return
+            self._put(None)
+        except BaseException as e:  # raised by next() in the loop
+            self._put(e)
+        finally:
+            items.close()
+
+    def _put(self, got) -> bool:
+        """Queue `got` once there is room for it; False when the loop has gone away."""
+        size = got.nbytes if isinstance(got, MicroBatch) else 0
+        with self._cond:
+            self._cond.wait_for(lambda: self._stop or not self._ready or (
+                len(self._ready) < self.depth and self._bytes + size <= self.max_bytes))
+            if self._stop:
+                return False
+            self._ready.append(got)
+            self._bytes += size
+            self._cond.notify_all()
+            return True
+
+
+def epoch_batches(reader, epoch: int, done: int, s, micro: int, build, device) -> Prefetch:
+    """The training loop's micro-batches of `epoch` from its global step `done` on (StudentConfig `s`), built
+    ahead by `build` (stages.student.batch_builder) and pinned in memory for an accelerator. The reader yields
+    the rank's items of whole steps only, so every micro-batch is whole."""
+    return Prefetch(reader.epoch(epoch, start=done * s.global_batch), build, micro=micro, reader_state=reader.state_dict,
+                    depth=s.prefetch, max_bytes=s.prefetch_mb * 2**20, pin=torch.device(device).type == "cuda")

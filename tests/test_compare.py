@@ -1,0 +1,99 @@
+"""`pipeline experiment compare` (issue 20) end to end on a tiny grid: one teacher store per task serves every method
+and size, each student trains on the store's first N queries for the same number of steps, the table and
+results.json hold every (method, N) cell with its time, and a rerun redoes nothing."""
+import glob
+import json
+import os
+import re
+import statistics
+
+import pytest
+import torch
+
+METHODS = ("mimic", "mimic+lora", "virtual-kv")
+SIZES = (8, 16)
+STEPS = 4
+
+
+@pytest.fixture
+def one_thread():
+    """The toy model's ops are too small to gain from a second thread; on a shared machine two wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _row(table: str, label: str) -> list[str]:
+    rows = [line for line in table.splitlines() if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, f"one row {label!r} in:\n{table}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def _artifact_mtimes(task_dpath: str) -> dict[str, int]:
+    """What a rerun must leave alone: the students' artifacts, the store's shards and the evaluations."""
+    paths = [*glob.glob(os.path.join(task_dpath, "student-*", "*", "*.safetensors")),
+             *glob.glob(os.path.join(task_dpath, "store-*", "shards", "**"), recursive=True),
+             *glob.glob(os.path.join(task_dpath, "eval-*", "metrics.json"))]
+    return {p: os.stat(p).st_mtime_ns for p in paths if os.path.isfile(p)}
+
+
+def test_compare_runs_every_method_and_size_from_one_store_and_resumes(pipeline, tmp_path, one_thread):
+    out = tmp_path / "cmp"
+    command = ("experiment", "compare", "--tasks", 1, "--sizes", ",".join(map(str, SIZES)), "--steps", STEPS,
+               "--methods", ",".join(METHODS), "--num-samples", 8, "--out", out,
+               "--set", "task.num_queries=24", "--set", "teacher.shard_size=8")
+    code, stdout, stderr = pipeline(*command)
+    assert code == 0, stderr
+    task = out / "attribute0"
+
+    # One teacher store for the task, whatever the methods and sizes.
+    stores = [d for d in os.listdir(task) if os.path.isfile(task / d / "manifest.json")]
+    assert stores == ["store-vqav2-8shot"], sorted(os.listdir(task))
+
+    # Each student: the store's first N queries, the same number of optimiser steps whatever N.
+    for method in METHODS:
+        for n in SIZES:
+            student = task / f"student-{method}-n{n}"
+            assert json.load(open(student / "method.json"))["train_queries"] == n, student
+            assert json.load(open(student / "config.json"))["student"]["num_queries"] == n
+            assert len(open(student / "losses.jsonl").readlines()) == STEPS, student
+
+    # results.json: every (method, N) cell, with the accuracy its evaluation measured.
+    results = json.load(open(out / "results.json"))
+    runs = results["per_task"]["0"]["runs"]
+    assert set(runs) == set(METHODS) and all(set(runs[m]) == {str(n) for n in SIZES} for m in METHODS), runs
+    for method in METHODS:
+        for n in SIZES:
+            measured = json.load(open(task / f"eval-{method}-n{n}" / "metrics.json"))["vqa_accuracy"]
+            assert runs[method][str(n)]["accuracy"] == measured
+            assert results["summary"][method]["accuracy"][str(n)]["mean"] == measured
+            assert runs[method][str(n)]["student_s"] > 0
+
+    # The table: per method whether it reads the teacher (by hand: MimIC and joint MimIC + LoRA train on L_align at
+    # w_align 1; virtual-kv on L_gt alone), its trainable parameters as the student counted them, its accuracy per
+    # N, the student's mean seconds per run and, for a teacher-based method, the teacher's per store.
+    counted = {method: count for count, method in re.findall(r"student: ([\d,]+) trainable parameters \(([\w+-]+):",
+                                                             stdout)}
+    teacher_s = json.load(open(task / "teacher.json"))["seconds"]
+    table = open(out / "results.md").read()
+    for method, label, reads in (("mimic", "MimIC", "yes"), ("mimic+lora", "MimIC + LoRA (joint, fresh heads)", "yes"),
+                                 ("virtual-kv", "virtual-kv", "no")):
+        seconds = [json.load(open(task / f"student-{method}-n{n}" / "wall.json"))["seconds"] for n in SIZES]
+        accuracies = [f"{runs[method][str(n)]['accuracy']:.1f} ± nan" for n in SIZES]  # one task: no standard error
+        assert _row(table, label) == [label, reads, counted[method], *accuracies, f"{statistics.fmean(seconds):.0f}",
+                                      f"{teacher_s:.0f}" if reads == "yes" else "—"]
+    zero_shot = json.load(open(task / "eval-zero-shot-vqav2" / "metrics.json"))["vqa_accuracy"]
+    assert _row(table, "zero-shot")[3:5] == [f"{zero_shot:.1f} ± nan"] * 2
+    assert os.path.isfile(out / "accuracy_vs_n.png")
+
+    # A rerun trains, evaluates and stores nothing again, and reports the times it read back.
+    before = _artifact_mtimes(str(task))
+    assert sum("student-" in p for p in before) >= len(METHODS) * len(SIZES) and any("shards" in p for p in before)
+    code, stdout, stderr = pipeline(*command)
+    assert code == 0, stderr
+    assert _artifact_mtimes(str(task)) == before
+    assert not re.search(r"student: [\d,]+ trainable parameters", stdout), stdout  # no student started
+    assert " 0 of 3 shards to write" in stdout, stdout
+    rerun = json.load(open(out / "results.json"))
+    assert rerun["per_task"] == results["per_task"]

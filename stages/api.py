@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.config import EvalConfig
 from stages import evaluate
 from stages.methods import METHOD_FNAME, load_artifact
+from stages.methods.live import MODULE_NAME as LIVE_MODULE
 from stages.models import FAMILIES, LoadedModel, load_model
 from stages.models.encode import encode
 from stages.models.heads import MimicHeads, attach, attached_heads, detach
@@ -61,7 +62,7 @@ def _loaded(model, processor=None) -> LoadedModel:
 @contextmanager
 def heads_off(model):
     """Inside the block the model is the base model: MimIC heads (or virtual keys and values) detached, LoRA
-    adapters disabled, prompt tuning's prompt off (inputs built inside the block have no virtual tokens, and inputs
+    adapters disabled, LIVE's shift off, prompt tuning's prompt off (inputs built inside the block have no virtual tokens, and inputs
     with them are refused there)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     lm = _loaded(model)
@@ -70,6 +71,9 @@ def heads_off(model):
     trainable = {p: p.requires_grad for m in lora for p in m.parameters()}  # peft's enable_adapters sets them
     detach(lm)
     prompt = detach_prompt(lm)
+    live = getattr(model, LIVE_MODULE, None)
+    if live is not None:
+        live.enabled = False
     for m in lora:
         m.enable_adapters(False)
     try:
@@ -79,6 +83,8 @@ def heads_off(model):
             attach(lm, heads)
         if prompt is not None:
             attach_prompt(lm, prompt)
+        if live is not None:
+            live.enabled = True
         for m in lora:
             m.enable_adapters(True)
         for p, flag in trainable.items():

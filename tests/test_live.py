@@ -179,6 +179,19 @@ def test_live_trains_saves_reloads_and_evaluates(tmp_path):
     expected = expected * f.norm(dim=-1, keepdim=True) / expected.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(captured["live"], expected, rtol=1e-5, atol=1e-6)
 
+    # through the public API: the vectors follow the model's dtype, and heads_off gives the base model exactly
+    from stages.api import heads_off, load_with_heads
+    model, _ = load_with_heads(model_dpath(), str(run))
+    with_live = model(**inputs).logits
+    torch.testing.assert_close(with_live, lm.model(**inputs).logits, rtol=0, atol=0)
+    with heads_off(model):
+        torch.testing.assert_close(model(**inputs).logits, base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(**inputs).logits, with_live, rtol=0, atol=0)
+    model.to(torch.float64)
+    assert {p.dtype for p in model.live_vectors.parameters()} == {torch.float64}
+    torch.testing.assert_close(model(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}).logits,
+                               with_live.double(), rtol=1e-4, atol=1e-4)
+
     result = l2(load_config(str(run / "config.json"), ["eval.num_samples=8"]), [str(run)], str(tmp_path / "l2"))
     assert list(result["l2_per_layer"]) == ["zero-shot", f"live, without L_align ({run.name})"]
     assert result["l2_per_layer"][f"live, without L_align ({run.name})"] != result["l2_per_layer"]["zero-shot"]

@@ -27,6 +27,7 @@ from stages.errors import UserError
 LOSSES = ("kl", "gt")
 SCALE_LR = 1e-2  # the scales' learning rate (seed §7.2, "in accordance with the original paper")
 FNAME = "live.safetensors"
+MODULE_NAME = "live_vectors"  # a loaded artifact's vectors as a submodule of the model: they follow .to() and save_pretrained
 
 
 class LiveVectors(torch.nn.Module):
@@ -37,9 +38,12 @@ class LiveVectors(torch.nn.Module):
         super().__init__()
         self.vector_ld = torch.nn.Parameter(torch.randn(n_layers, d_model) * 0.01)
         self.alpha_l = torch.nn.Parameter(torch.zeros(n_layers))
+        self.enabled = True  # stages.api.heads_off turns the shift off
 
     def shift(self, layer: int, f_btd: torch.Tensor) -> torch.Tensor:
         """f + σ(α)·v, rescaled to the norm of f at every token (in float32 at least, returned in f's dtype)."""
+        if not self.enabled:
+            return f_btd
         f = f_btd.to(torch.promote_types(f_btd.dtype, torch.float32))
         shifted = f + torch.sigmoid(self.alpha_l[layer].to(f.dtype)) * self.vector_ld[layer].to(f.dtype)
         # clamp: a token whose shifted output is exactly 0 (f = −σ(α)·v) keeps 0 instead of NaN
@@ -108,3 +112,4 @@ def load(dpath: str, lm) -> None:
     live = LiveVectors(*state["vector_ld"].shape)
     live.load_state_dict(state)
     attach(lm, live.to(next(lm.model.parameters()).device))
+    lm.model.add_module(MODULE_NAME, live)

@@ -12,8 +12,7 @@
 #       annotated-types typing-inspection
 #   (deepspeed is an sdist on PyPI: `.venv/bin/pip wheel --no-deps -w bench/wheels deepspeed==0.19.8`.)
 # Without deepspeed the script falls back to a plain model and torch AdamW and says so.
-# pyarrow (~40 MB) is NOT carried: stages/tasks/hf.py imports it at module import although only the
-# hf-* tasks use it; a stub stands in for it here (see BENCHMARKS.md, "project code worth fixing").
+# pyarrow (~40 MB) is not carried: only the hf-* tasks import it (inside their loaders), and no benchmark uses them.
 #
 # Then P6 (bench/p6_realwidth.py, issue 19): the student's data path at real width (32 x 4096, bf16) on this
 # machine's disk and cores: reader vs plain read, and the data wait per step at simulated 40/100 ms steps, with
@@ -45,15 +44,6 @@ if [ -n "$missing" ]; then
   else
     echo "no wheel directory $WHEELS; continuing with what imports"
   fi
-fi
-
-# A stub for pyarrow when it is absent: imported by stages/tasks/hf.py at import time, used only by hf-* tasks.
-mkdir -p /tmp/mimic-gpu-stub/pyarrow
-if ! $PY -c "import pyarrow" 2>/dev/null; then
-  echo "pyarrow absent: stubbing it (stages.tasks.hf imports it eagerly; the benchmark uses the vqav2 task)"
-  printf 'def __getattr__(name):\n    raise ImportError("pyarrow stub (bench/gpu.sh): " + name)\n' > /tmp/mimic-gpu-stub/pyarrow/__init__.py
-  printf 'def __getattr__(name):\n    raise ImportError("pyarrow stub (bench/gpu.sh): " + name)\n' > /tmp/mimic-gpu-stub/pyarrow/parquet.py
-  export PYTHONPATH="$PYTHONPATH:/tmp/mimic-gpu-stub"
 fi
 
 if [ "${ONLY:-}" != "p6" ]; then

@@ -23,6 +23,7 @@ from stages.tasks import get_task
 from stages.tasks.pools import icd_pool, query_split, same_picture, support_set, training_queries
 from stages.tasks.prompts import build_prompt, instruction, reference_answer
 from stages.tasks.sampler import sample_icds
+from storage import layout
 from storage.manifest import Manifest, creation_stamp, format_version, shard_owner
 from storage.writer import Item, Logits, open_for_write
 
@@ -207,6 +208,7 @@ def run(cfg: "Config") -> str:
                         t.views, t.shard_size, dims.n_layers, dims.d_model, store_dtype(cfg),
                         **creation_stamp())  # kept by the rank that creates the store; volatile
     writer = open_for_write(t.store, manifest)
+    values_dtype = getattr(torch, layout.values_dtype(manifest.dtype))  # int8: float32, quantized by the writer
     published = writer.published()
     mine = [s for s in range(manifest.n_shards) if shard_owner(s, world) == rank and s not in published]
     print(f"teacher rank {rank}/{world}: {len(mine)} of {manifest.n_shards} shards to write into {t.store} "
@@ -240,8 +242,6 @@ def run(cfg: "Config") -> str:
                 targets = _capture(lm, engine, capture, prompts, [q.id for q, _ in batch], t, max_len, skipped,
                                    [answer_starts[q.id] for q, _ in batch] if t.logits != "off" else None)
                 batch, icd_ids, targets = _rows(targets, batch, icd_ids, targets)
-                # an int8 store takes float32 values: the writer quantizes them (on its thread)
-                values_dtype = torch.float32 if manifest.dtype == "int8" else getattr(torch, manifest.dtype)
                 items += [Item(q.id, v, span_ids, hidden_tld.to(values_dtype), tuple(ids), keep, logits)
                           for (q, v), ids, (span_ids, hidden_tld, keep, logits) in zip(batch, icd_ids, targets)]
             items = [it for it in items if it.sample_id not in skipped]  # a query refused at a later view

@@ -30,7 +30,7 @@ def convert(src: str, dst: str, dtype: str, progress=lambda shards: shards) -> s
     target = dataclasses.replace(m, dtype=dtype, format_version=format_version(dtype), **creation_stamp())
     writer = open_for_write(dst, target)
     markers, _ = layout.load_markers(Root(src), m)
-    values_dtype = torch.float32 if dtype == "int8" else getattr(torch, dtype)
+    values_dtype = getattr(torch, layout.values_dtype(dtype))
     for shard in progress(sorted(set(markers) - writer.published())):
         items = [dataclasses.replace(it, hidden=it.hidden.to(values_dtype), logits=it.logits and dataclasses.replace(
                      it.logits, values=it.logits.values.to(values_dtype))) for it in read_items(src, shards=[shard])]

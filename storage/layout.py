@@ -36,6 +36,12 @@ DIMS = {"hidden": ("row", "layer", "hidden"), "offsets": ("item_edge",), "token_
 # is stored as little-endian uint16 (bit-exact, and readable by anything that can reinterpret bits).
 STORED_DTYPE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
 INT8_MAX = 127  # q in [-127, 127]: symmetric, so -x quantizes to -q
+
+
+def values_dtype(dtype: str) -> str:
+    """The dtype of the values a writer takes, and readers return, for a store of `dtype`: an int8 store takes
+    float32 values (it quantizes them) and gives back q * s in float32."""
+    return "float32" if dtype == "int8" else dtype
 _MARKER_NAME = re.compile(r"^(\d{6,})\.json$")
 _DATA_NAME = re.compile(r"^(\d{6,})-[0-9a-f]{16}$")
 

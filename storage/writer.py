@@ -157,7 +157,7 @@ def _shard_arrays(m: Manifest, shard: int, items: list[Item], skipped: dict[str,
         keep = np.ones(len(ids), bool) if it.keep is None else np.asarray(it.keep, bool)
         if keep.shape != ids.shape:
             raise ValueError(f"item ({it.sample_id}, {it.view}): keep has shape {keep.shape}, token_ids {ids.shape}")
-        h = _stored_values(it.hidden, "float32" if m.dtype == "int8" else m.dtype, f"item ({it.sample_id}, {it.view})")
+        h = _stored_values(it.hidden, layout.values_dtype(m.dtype), f"item ({it.sample_id}, {it.view})")
         if m.dtype == "int8":
             h, scale = layout.quantize(h)
             scales.append(scale)

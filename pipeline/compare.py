@@ -38,8 +38,8 @@ import os
 import time
 
 from pipeline.config import load_config
-from pipeline.experiment import (GLOBAL_BATCH, N_TRAIN, _done, _evaluated, _fmt, checked_family, families, map_tasks,
-                                 plot_vs_n, stats, sweep_epochs, task_config)
+from pipeline.experiment import (GLOBAL_BATCH, N_TRAIN, _done, _evaluated, _fmt, checked_family, clocked, families,
+                                 map_tasks, plot_vs_n, stats, sweep_epochs, task_config)
 from stages.errors import UserError
 from stages.evaluate import _write_json
 
@@ -81,27 +81,31 @@ def trainable_parameters(student_dpath: str) -> int:
     return total
 
 
-def _teacher_seconds(cfg, fpath: str) -> float:
-    """Run the teacher (a no-op on a complete store). Its wall seconds: those of the run that completed the store,
-    timed here, or read back from fpath, which names the store it timed by its fingerprint."""
+def _teacher_seconds(cfg, fpath: str, run: bool) -> float:
+    """The teacher's wall seconds for cfg's store: those of the run that completed it, timed here, or read back from
+    fpath, which keeps them with the config they were timed under. With run, the store is made if it is not complete
+    (a no-op if it is); without, only where no time is recorded (see experiment._ceiling on why stores are lazy)."""
     from stages import teacher
-    from storage.reader import open_manifest
-    t0 = time.monotonic()
-    teacher.run(cfg)
-    seconds = time.monotonic() - t0
-    fingerprint = open_manifest(cfg.teacher.store).fingerprint
-    if not os.path.isfile(fpath) or json.load(open(fpath))["fingerprint"] != fingerprint:
-        _write_json(fpath, {"fingerprint": fingerprint, "seconds": round(seconds, 2)})
-    return json.load(open(fpath))["seconds"]
+    recorded = json.load(open(fpath)) if os.path.isfile(fpath) else None
+    if recorded is not None and recorded["config"] != cfg.to_dict():
+        recorded = None
+    if run or recorded is None:
+        t0 = time.monotonic()
+        teacher.run(cfg)
+        if recorded is None:
+            recorded = {"config": cfg.to_dict(), "seconds": round(time.monotonic() - t0, 2)}
+            _write_json(fpath, recorded)
+    return recorded["seconds"]
 
 
-def _student_seconds(cfg) -> float | None:
-    """Train a student unless done with this config. Its wall seconds, timed around student.run or read back from
-    wall.json beside its artifact (a resumed student's: those of the run that finished it; None where a kill came
-    after the artifact and before its time)."""
+def _student_seconds(cfg, make_store) -> float | None:
+    """Train a student unless done with this config, calling make_store() first. Its wall seconds, timed around
+    student.run or read back from wall.json beside its artifact (a resumed student's: those of the run that
+    finished it; None where a kill came after the artifact and before its time)."""
     from stages import student
     fpath = os.path.join(cfg.student.out, "wall.json")
     if not _done(cfg.student.out, "method.json", cfg):
+        make_store()
         t0 = time.monotonic()
         student.run(cfg)
         _write_json(fpath, {"seconds": round(time.monotonic() - t0, 2)})
@@ -115,18 +119,21 @@ def task_results(u: int, out: str, family: str, methods: tuple[str, ...], sizes:
     fam = families()[family]
     run_dir, cfg = task_config(out, fam, u, num_samples, (f"teacher.shots={SHOTS}", f"teacher.logits={LOGITS}", *extra))
     tag = fam.label(u)
-    result = {"teacher_s": _teacher_seconds(cfg(), os.path.join(run_dir, "teacher.json")),
-              "zero_shot": _evaluated(cfg("eval.mode=zero-shot"))["vqa_accuracy"],
+    teacher_fpath = os.path.join(run_dir, "teacher.json")
+
+    def make_store():
+        _teacher_seconds(cfg(), teacher_fpath, run=True)
+
+    result = {"zero_shot": _evaluated(cfg("eval.mode=zero-shot"))["vqa_accuracy"],
               "icl": _evaluated(cfg("eval.mode=icl", f"eval.shots={SHOTS}"))["vqa_accuracy"], "runs": {}}
-    log(f"{tag}: teacher {result['teacher_s']:.0f} s; zero-shot {result['zero_shot']:.1f}, "
-        f"{SHOTS}-shot ICL {result['icl']:.1f}")
+    log(f"{tag}: zero-shot {result['zero_shot']:.1f}, {SHOTS}-shot ICL {result['icl']:.1f}")
     for n in sizes:
         epochs = sweep_epochs(steps, n)
         schedule = (f"student.num_queries={n}", f"student.epochs={epochs}", f"student.global_batch={GLOBAL_BATCH}")
         for method in methods:
             student_dpath = os.path.join(run_dir, f"student-{method}-n{n}")
             overrides = (*METHODS[method][1], *schedule, f"student.out={student_dpath}")
-            seconds = _student_seconds(cfg(*overrides))
+            seconds = _student_seconds(cfg(*overrides), make_store)
             metrics = _evaluated(cfg(*overrides, "eval.mode=trained", f"eval.out={run_dir}/eval-{method}-n{n}"))
             run = {"accuracy": metrics["vqa_accuracy"], "student_s": seconds,
                    "parameters": trainable_parameters(student_dpath),
@@ -134,6 +141,7 @@ def task_results(u: int, out: str, family: str, methods: tuple[str, ...], sizes:
                    "steps": epochs * (n // GLOBAL_BATCH)}
             result["runs"].setdefault(method, {})[n] = run
             log(f"{tag}: N={n} {method} {run['accuracy']:.1f} ({seconds} s)")
+    result["teacher_s"] = _teacher_seconds(cfg(), teacher_fpath, run=False)
     return result
 
 
@@ -202,12 +210,13 @@ def run(out: str, family: str, tasks: list[int], num_samples: int, methods: tupl
         raise UserError(f"training-set sizes must be in {GLOBAL_BATCH}..{n_train} (a global batch to the store's "
                         f"queries) and the steps at least 1; got {list(sizes)}, {steps} steps")
     os.makedirs(out, exist_ok=True)
-    t0 = time.monotonic()
-    per_task = map_tasks(task_results, tasks, jobs, (out, family, methods, sizes, steps, num_samples, extra), log)
+    with clocked(out) as total:
+        per_task = map_tasks(task_results, tasks, jobs, (out, family, methods, sizes, steps, num_samples, extra), log)
+        minutes = total()
     results = {"family": family, "tasks": tasks, "labels": {u: families()[family].label(u) for u in tasks},
                "methods": list(methods), "sizes": list(sizes), "steps": steps, "n_train": n_train,
                "num_samples": num_samples, "overrides": list(extra), "jobs": jobs, "cpus": os.cpu_count(),
-               "minutes": round((time.monotonic() - t0) / 60, 1),
+               "minutes": round(minutes, 1),
                "reads_teacher": {m: reads_teacher(m, extra) for m in methods},
                "summary": summarise(per_task, methods, sizes), "per_task": per_task}
     _write_json(os.path.join(out, "results.json"), results)

@@ -19,10 +19,12 @@ results.json, Markdown tables to results.md, and the plots to accuracy_vs_k.png 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -107,11 +109,17 @@ def _evaluated(cfg) -> dict:
 
 
 def _ceiling(cfg, out_dpath: str) -> dict:
-    """The MSE-only ceiling on cfg's after-SA store, or the one already measured with this same config."""
+    """The MSE-only ceiling on cfg's after-SA store, or the one already measured with this same config.
+
+    The store is made here, only when a result still needs it, and so are the students' (task_results): the
+    small results (evaluations, ceilings, trained heads) can travel to another machine without the stores and
+    the experiment goes on there, rebuilding no store whose results are all in."""
     from pipeline import mse_ceiling
+    from stages import teacher
     from stages.evaluate import _write_json
     if _done(out_dpath, "ceiling.json", cfg):
         return json.load(open(os.path.join(out_dpath, "ceiling.json")))
+    teacher.run(cfg)
     patched = mse_ceiling.run(cfg)
     os.makedirs(out_dpath, exist_ok=True)
     if os.path.exists(os.path.join(out_dpath, "ceiling.json")):  # never beside another config than its own
@@ -119,6 +127,39 @@ def _ceiling(cfg, out_dpath: str) -> dict:
     for fname, obj in (("config.json", cfg.to_dict()), ("ceiling.json", patched)):  # the result last
         _write_json(os.path.join(out_dpath, fname), obj)
     return patched
+
+
+@contextlib.contextmanager
+def clocked(out: str):
+    """Yield total(): the wall minutes spent on the experiment in `out` over every invocation, this one included.
+
+    Kept in out/wall.json (in seconds) and rewritten every 30 s (a kill loses less than that), so an experiment
+    resumed later, or on another machine from its small results, reports the whole time it took."""
+    from stages.evaluate import _write_json
+    fpath = os.path.join(out, "wall.json")
+    before = json.load(open(fpath))["seconds"] if os.path.isfile(fpath) else 0.0
+    t0, stop = time.monotonic(), threading.Event()
+
+    def seconds() -> float:
+        return before + time.monotonic() - t0
+
+    def total() -> float:
+        return seconds() / 60
+
+    def save():
+        _write_json(fpath, {"seconds": round(seconds(), 1)})
+
+    def tick():
+        while not stop.wait(30):
+            save()
+    thread = threading.Thread(target=tick, name="experiment-clock", daemon=True)
+    thread.start()
+    try:
+        yield total
+    finally:
+        stop.set()
+        thread.join()
+        save()
 
 
 def task_config(out: str, family: Family, u: int, num_samples: int, extra: tuple[str, ...]):
@@ -155,10 +196,12 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
     def accuracy(*overrides) -> float:
         return _evaluated(cfg(*overrides))["vqa_accuracy"]
 
-    def trained(out_dpath: str, *overrides) -> float:
-        """Train a student (unless done with this config) and evaluate it as MimIC."""
+    def trained(out_dpath: str, store: tuple[str, ...], *overrides) -> float:
+        """Train a student on the store that `store` names (unless done with this config) and evaluate it as MimIC."""
+        overrides = (*store, *overrides)
         run_cfg = cfg(*overrides, f"student.out={out_dpath}")
         if not _done(out_dpath, os.path.join("heads", "heads.safetensors"), run_cfg):
+            teacher.run(cfg(*store))  # here, not up front: see _ceiling
             student.run(run_cfg)
         eval_dpath = os.path.join(run_dir, os.path.basename(out_dpath).replace("student-", "eval-mimic-", 1))
         return accuracy(*overrides, "eval.mode=mimic", f"eval.heads={out_dpath}/heads", f"eval.out={eval_dpath}")
@@ -169,11 +212,9 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
         result["icl"][k] = accuracy("eval.mode=icl", f"eval.shots={k}")
         log(f"{tag}: ICL k={k} {result['icl'][k]:.1f} (zero-shot {result['zero_shot']:.1f})")
     for k in TEACHER_SHOTS:
-        teacher.run(cfg(f"teacher.shots={k}"))
         # How far an MSE-only student could get at all: a teacher aligned after SA, patched in (mse_ceiling.py).
         after_sa = cfg(f"teacher.shots={k}", "teacher.capture=attn", f"teacher.store={run_dir}/store-attn-{k}shot",
                        f"teacher.views={family.ceiling_views}", f"task.num_queries={min(n_train, family.ceiling_queries)}")
-        teacher.run(after_sa)
         patched = _ceiling(after_sa, os.path.join(run_dir, f"ceiling-{k}shot"))
         result.setdefault("patched_teacher", {})[k] = patched["teacher"]
         result.setdefault("patched_ceiling", {})[k] = patched["ceiling"]
@@ -185,16 +226,15 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
                 result[method][k] = result[method][TEACHER_SHOTS[0]]
                 continue
             result.setdefault(method, {})[k] = trained(os.path.join(run_dir, f"student-{method}-{k}shot"),
-                                                       f"teacher.shots={k}", *overrides)
+                                                       (f"teacher.shots={k}",), *overrides)
             log(f"{tag}: {method} from the {k}-shot teacher {result[method][k]:.1f}")
     for n in sweep:  # the same number of optimiser steps for every N, so that a small N is not undertrained
         store = [f"teacher.shots={SWEEP_SHOTS}", f"task.num_queries={n}"]
         if n != n_train:  # all training queries: the main table's store
             store.append(f"teacher.store={run_dir}/store-{SWEEP_SHOTS}shot-n{n}")
-        teacher.run(cfg(*store))
         epochs = sweep_epochs(sweep_steps, n)
         for method, overrides in STUDENTS.items():
-            a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), *store, *overrides,
+            a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), tuple(store), *overrides,
                         f"student.epochs={epochs}", f"student.global_batch={GLOBAL_BATCH}")
             result.setdefault("sweep", {}).setdefault(n, {})[method] = a
             log(f"{tag}: N={n} {method} {a:.1f}")
@@ -369,9 +409,9 @@ def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[
         raise UserError(f"training-set sizes of the sweep must be in 1..{N_TRAIN} and its steps at least 1; "
                         f"got {list(sweep)}, {sweep_steps} steps")
     os.makedirs(out, exist_ok=True)
-    t0 = time.monotonic()
-    per_task = map_tasks(_family_task, tasks, jobs, (out, family, num_samples, extra, sweep, sweep_steps), log)
-    minutes = (time.monotonic() - t0) / 60
+    with clocked(out) as total:
+        per_task = map_tasks(_family_task, tasks, jobs, (out, family, num_samples, extra, sweep, sweep_steps), log)
+        minutes = total()
     summary = summarise(per_task)
     results = {"family": family, "tasks": tasks, "labels": {u: fam.label(u) for u in tasks},
                "num_samples": num_samples, "overrides": list(extra), "sweep_sizes": list(sweep), "sweep_steps": sweep_steps, "jobs": jobs,

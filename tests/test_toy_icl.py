@@ -5,9 +5,11 @@ a short run on tiny settings lowers the loss; the saved model loads through stag
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -245,9 +247,16 @@ def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
     stamps = {f: os.path.getmtime(f) for name in ("heads.safetensors", "metrics.json", "ceiling.json")
               for f in _files(out, name)}
     assert len(_files(out, "ceiling.json")) == 4  # 2 permutations x 2 teachers
+    # The rerun goes on from the small results alone, as on a fresh machine with what .gitignore keeps of a bench/
+    # experiment: no store, no checkpoint.
+    stores = [d for d in glob.glob(os.path.join(out, "perm*", "*")) if os.path.isfile(os.path.join(d, "manifest.json"))]
+    assert len(stores) == 2 * 5  # per permutation: the 8- and 16-shot teachers, their after-SA twins, the n8 store
+    for d in [*stores, *glob.glob(os.path.join(out, "perm*", "student-*", "checkpoints"))]:
+        shutil.rmtree(d)
     again = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert again.exit_code == 0 and json.load(open(os.path.join(out, "results.json")))["summary"] == results["summary"]
     assert stamps == {f: os.path.getmtime(f) for f in stamps}  # nothing was trained, evaluated or measured again
+    assert not any(os.path.isfile(os.path.join(d, "manifest.json")) for d in stores)  # nor any store rebuilt
 
 
 def _files(root: str, name: str) -> list[str]:

@@ -144,7 +144,7 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str) -
                           batch=s.global_batch)
     by_id = {q: Sample(q, os.path.join(inputs["images"], f"{q}.jpg"), "What is it?", ("a",))
              for q in (f"q{i:05d}" for i in range(inputs["queries"]))}
-    build = batch_builder(bench_lm(), by_id, {})
+    build = batch_builder(bench_lm(), by_id, {}, device, keep=s.prefetch + 3)  # as stages/student.py's run
     walls, slept, logged = [], [], []
     cpu0 = time.process_time()  # every thread of this rank: the loop sleeps, so this is the data path's CPU
     with epoch_batches(reader, 0, 0, s, micro, build, device) as batches:

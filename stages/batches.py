@@ -12,10 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator
 
+import numpy as np
 import torch
 
 
@@ -38,6 +41,40 @@ def _nbytes(tensors: tuple, items: list) -> int:
     inputs, *rest = tensors
     return (sum(x.nbytes for x in (*inputs.values(), *rest) if isinstance(x, torch.Tensor))
             + sum(it.hidden.nbytes for it in items))
+
+
+class Buffers:
+    """Host memory for micro-batch targets that is handed out again once nothing uses it, so that its pages are
+    faulted in once rather than once per batch: at real width a fresh target costs more CPU in first touches than
+    in filling it (BENCHMARKS.md, P6).
+
+    Each buffer is a numpy array wrapped by torch.from_numpy, whose storage holds a reference to the array for as
+    long as any tensor or view of it lives; so the array's reference count says whether a batch, a step or anything
+    else still holds it, and a buffer in use is never handed out. At most `keep` buffers are kept; beyond them (a
+    consumer holding many batches) new ones are allocated and left to be freed.
+    """
+
+    def __init__(self, keep: int):
+        self.keep, self._arrays, self._lock = keep, [], threading.Lock()
+        probe = [np.empty(0, np.uint8)]
+        self._unused = sys.getrefcount(probe[0])  # the count of an array only the list holds, read as below
+
+    def empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype` in a buffer nothing else uses."""
+        need = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            free = [i for i in range(len(self._arrays)) if sys.getrefcount(self._arrays[i]) == self._unused]
+            fits = [i for i in free if self._arrays[i].nbytes >= need]
+            if fits:
+                array = self._arrays[min(fits, key=lambda i: self._arrays[i].nbytes)]
+            else:
+                # An eighth to spare, so that the next batches' lengths (spans differ by a few tokens) fit too.
+                array = np.empty(need + need // 8, np.uint8)
+                if free:  # too small for this batch: the larger one takes its place
+                    self._arrays[free[0]] = array
+                elif len(self._arrays) < self.keep:
+                    self._arrays.append(array)
+        return torch.from_numpy(array)[:need].view(dtype).view(shape)
 
 
 class Prefetch:

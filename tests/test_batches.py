@@ -6,12 +6,13 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pipeline.config import StudentConfig
-from stages.batches import Prefetch, epoch_batches
+from stages.batches import Buffers, Prefetch, epoch_batches
 from stages.errors import UserError
 from stages.models import load_model
 from stages.models.tiny import make_model
@@ -19,6 +20,7 @@ from stages.student import batch_builder, make_batch
 from stages.tasks.sample import Sample
 from storage.errors import StoreError
 from storage.reader import TargetReader
+from storage.writer import Item
 from tests.test_storage import _chunk, make_manifest, write_store
 
 N_LAYERS, D_MODEL = 2, 64
@@ -161,3 +163,47 @@ def test_a_store_error_reaches_the_loop_as_it_was_raised(tiny, tmp_path):
         with epoch_batches(TargetReader(str(tmp_path), seed=0, batch=2), 0, 0, StudentConfig(global_batch=2), 1,
                            batch_builder(lm, by_id, {}), "cpu") as batches:
             list(batches)
+
+
+def test_a_buffer_in_use_is_never_handed_out_again():
+    """Buffers hands a buffer out again only once no tensor uses its memory, a view of it included."""
+    buffers = Buffers(keep=2)
+    first = buffers.empty((4, 8), torch.bfloat16)
+    where = first.data_ptr()
+    view = first[1:]  # a slice, as a step may still hold
+    view.fill_(5)
+    del first
+    second = buffers.empty((4, 8), torch.bfloat16)
+    assert second.data_ptr() != where
+    second.fill_(-1)
+    assert (view == 5).all()
+    del view
+    third = buffers.empty((2, 8), torch.float32)  # smaller, in another dtype: the freed buffer serves it
+    assert third.shape == (2, 8) and third.dtype == torch.float32 and third.data_ptr() == where
+    larger = buffers.empty((64, 8), torch.float32)  # too large for both (in use anyway): new memory
+    assert larger.data_ptr() not in (where, second.data_ptr())
+    larger.fill_(3)
+    assert (second == -1).all()
+
+
+def test_a_reused_buffer_builds_the_batch_a_fresh_one_does(tiny):
+    """make_batch writes every position of its target: what a reused buffer held before (NaN here) never shows
+    through the padding or a span token without a stored row."""
+    lm, _, _ = tiny
+    rng = np.random.default_rng(0)
+
+    def item(q: str, keep: list[int]) -> Item:
+        rows = rng.standard_normal((sum(keep), N_LAYERS, D_MODEL), dtype=np.float32)
+        return Item(q, 0, np.arange(7, 7 + len(keep), dtype=np.int32), torch.from_numpy(rows).to(torch.bfloat16), (),
+                    np.array(keep, dtype=bool))
+
+    buffers = Buffers(keep=1)
+    _, used, _, _ = make_batch(lm, [item("a", [1] * 6), item("b", [1] * 6)], [[], []], empty=buffers.empty)
+    used.fill_(float("nan"))
+    where = used.data_ptr()
+    del used
+    short = [item("c", [1, 0]), item("d", [1, 1, 0, 1])]  # a padded row, tokens without a stored row
+    got = make_batch(lm, short, [[], []], empty=buffers.empty)
+    assert got[1].data_ptr() == where  # the same memory, handed out again
+    want = make_batch(lm, short, [[], []])
+    assert _equal(got, want) and not torch.isnan(want[1]).any()

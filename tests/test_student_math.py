@@ -94,6 +94,56 @@ def test_make_batch_places_targets_and_masks_by_hand(model_dirs):
     assert ce_answer.tolist() == [[0, 0, 0, 0, 0, 1], [0, 0, 0, 1, 1, 1]]
 
 
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Raw bit patterns, so that NaNs and -0 compare exactly."""
+    return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_target_gives_the_losses_of_its_float32_values_bit_for_bit(model_dirs, dtype):
+    """make_batch keeps a 16-bit store's targets in its dtype; the loop casts them to the model's dtype and losses()
+    to float32, which must give exactly what the float32 target built before (zeros, stored rows as float32) gave."""
+    lm = load_model(model_dirs["idefics2"])
+    n_layers, d = lm.dims.n_layers, lm.dims.d_model
+    g = torch.Generator().manual_seed(0)
+    short_hidden = (torch.randn(2, n_layers, d, generator=g) * 3).to(dtype)
+    long_hidden = (torch.randn(5, n_layers, d, generator=g) * 3).to(dtype)
+    long_hidden[0, 0, :3] = torch.tensor([torch.finfo(dtype).tiny / 4, -0.0, 0.1])  # a subnormal, -0, a rounded value
+    items = [Item("a", 0, np.array([10, 11, 12], dtype=np.int32), short_hidden, (), np.array([True, False, True])),
+             Item("b", 0, np.array([20, 21, 22, 23, 24], dtype=np.int32), long_hidden, (), np.ones(5, dtype=bool))]
+    inputs, target, span_mask, ce_mask = make_batch(lm, items, [[], []])
+    assert target.dtype == dtype  # half the bytes of float32 to build and to move to the accelerator
+    expected = torch.zeros(2, 6, n_layers, d)  # placed by hand, as in the test above
+    expected[0, 3], expected[0, 5] = short_hidden[0].float(), short_hidden[1].float()
+    expected[1, 1:] = long_hidden.float()
+    assert torch.equal(_bits(target.float()), _bits(expected))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    logits = torch.randn(2, 6, vocab, generator=g)
+    for model_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        hidden = torch.randn(2, 6, n_layers, d, generator=g).to(model_dtype)
+        # As stages/student.py's loop calls it: the target cast to the model's dtype.
+        got = losses(logits, hidden, target.to(model_dtype), span_mask, ce_mask, inputs["input_ids"])
+        want = losses(logits, hidden, expected.to(model_dtype), span_mask, ce_mask, inputs["input_ids"])
+        assert got[0].dtype == torch.float32 and torch.equal(_bits(got[0]), _bits(want[0])), model_dtype
+        assert torch.equal(_bits(got[1]), _bits(want[1])), model_dtype
+
+
+def test_the_loops_cast_of_a_16_bit_target_equals_the_cast_of_its_float32_values():
+    """Every bfloat16 and float16 bit pattern: cast to each model dtype directly (the loop's cast of a 16-bit target)
+    gives the bits of the cast through float32 (the target as it was built before), infinities, -0 and subnormals
+    included. A NaN stays a NaN (its payload may differ: a NaN target makes the loss NaN either way)."""
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    for stored in (torch.bfloat16, torch.float16):
+        values = patterns.view(stored)
+        nan = torch.isnan(values)
+        assert 0 < nan.sum() < len(values)
+        for model_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            direct, through = values.to(model_dtype), values.float().to(model_dtype)
+            assert torch.equal(_bits(direct)[~nan], _bits(through)[~nan]), (stored, model_dtype)
+            assert torch.isnan(direct)[nan].all() and torch.isnan(through)[nan].all(), (stored, model_dtype)
+
+
 def _residual_reference(lm, inputs):
     """Per decoder layer, from its residual stream alone (no hook on the attention or MLP modules):
     attention output = post-attention norm input − layer input,

@@ -17,7 +17,8 @@ from stages.student import batch_split, ds_config, epochs_for
 from stages.tasks import get_task
 from stages.tasks.pools import query_split, training_queries
 from stages.tasks.toy_icl import DEFAULT_N_TRAIN
-from stages.teacher import fingerprint_fields
+from stages.teacher import fingerprint_fields, store_dtype
+from storage import layout
 from storage.errors import StoreError
 from storage.inspection import info
 from storage.manifest import shard_owner
@@ -80,8 +81,45 @@ def teacher_plan(cfg: "Config") -> dict:
         mine = [s for s in range(n_shards) if owners[s] == rank and s not in published]
         plan |= {"shards": n_shards, "shards_per_rank": {r: owners.count(r) for r in range(world)},
                  "this_rank_writes": mine}
+    plan["peak_memory_per_rank"] = _peak_memory(cfg)
     plan["fingerprint_fields"] = fingerprint_fields(cfg, None, get_task(cfg.task.name).kind)
     return plan
+
+
+def _peak_memory(cfg: "Config") -> dict | str:
+    """The teacher's peak memory per rank (stages/memory.py) from the model's config.json; no weights are read."""
+    from transformers import AutoConfig
+
+    from stages.memory import TEXT_TOKENS, from_config, teacher_peak
+    from stages.models import DTYPES, FAMILIES
+    t = cfg.teacher
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        return f"unknown: the model's config.json is not readable here ({str(e).splitlines()[0]})"
+    if config.model_type not in FAMILIES:
+        return f"unknown: model family '{config.model_type}' is not supported"
+    m = from_config(config, cfg.model.dtype)
+    span = m.image_tokens + TEXT_TOKENS  # a demonstration is as long as the query + answer span
+    stored = store_dtype(cfg)
+    settings = dict(batch=t.batch_size, shots=t.shots, demo_tokens=span, span=span, shard_items=t.shard_size * t.views,
+                    values_bytes=DTYPES[layout.values_dtype(stored)].itemsize,
+                    logits_kept=span if t.logits != "off" else 1, stored_rows=TEXT_TOKENS if t.span == "text" else None,
+                    copied=stored != cfg.model.dtype or t.span == "text")
+    sdpa, eager = teacher_peak(m, **settings), teacher_peak(m, **settings, attention="eager")
+    terms = {k: v for k, v in sdpa.items() if k != "peak_phase"}
+    return {k: _size(v) for k, v in terms.items()} | {
+        "peak_phase": sdpa["peak_phase"], "total_with_eager_attention": _size(eager["total"]), "bytes": terms,
+        "assumes": f"sdpa attention; images of {m.image_px}x{m.image_px} pixels ({m.patches} patches); {span} tokens "
+                   f"per demonstration and span ({TEXT_TOKENS} of text); bytes of tensors, which the CUDA allocator "
+                   "rounds up and caches (README.md, Teacher memory)"}
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def student_plan(cfg: "Config") -> dict:

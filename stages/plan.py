@@ -73,7 +73,7 @@ def teacher_plan(cfg: "Config") -> dict:
     published = set(range(store["shards_total"])) - set(store["missing_shards"]) if store else set()
     plan = {"stage": "teacher", "rank": rank, "world_size": world, "launcher": _launcher(t.rank >= 0), "model": _model(cfg),
             "data": data, "queries": n_queries, "views": t.views, "shots": t.shots, "batch_size": t.batch_size,
-            "shard_size": t.shard_size, "store": t.store,
+            "shard_size": t.shard_size, "store": t.store, "store_dtype": store_dtype(cfg),
             "store_state": f"{len(published)} of {store['shards_total']} shards published" if store else "new"}
     if n_queries is not None:
         n_shards = math.ceil(n_queries / t.shard_size)

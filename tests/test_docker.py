@@ -118,6 +118,9 @@ def test_teacher_dry_run_for_1_and_8_ranks(tmp_path):
     assert (one["rank"], one["world_size"], one["queries"], one["shards"]) == (0, 1, 256, 16)  # the embedded set
     assert one["this_rank_writes"] == list(range(16)) and one["shards_per_rank"] == {"0": 16}
     assert one["fingerprint_fields"]["shots"] == 32 and one["store"] == os.path.join("runs", "store-vqav2-32shot")
+    assert one["store_dtype"] == "float32"  # the embedded model's dtype, the default
+    int8 = _dry_run(["run", "teacher", "--set", "teacher.store_dtype=int8"], {}, tmp_path)
+    assert int8["store_dtype"] == "int8"
     eight = _dry_run(["run", "teacher", "--config", EXP_FPATH, "--rank", "7", "--world-size", "8"], {}, tmp_path)
     assert (eight["queries"], eight["shards"]) == (1000, 63)  # num_queries: the data root is not here
     assert eight["shards_per_rank"] == {str(r): 8 for r in range(7)} | {"7": 7}

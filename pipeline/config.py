@@ -156,6 +156,9 @@ CHOICES = {
 }
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _coerce(where: str, value, typ):
     if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 (PyYAML) reads 1e-2 as a string: it wants a dot in the mantissa
@@ -168,6 +171,8 @@ def _coerce(where: str, value, typ):
         raise UserError(f"config {where}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
     if typ is float and not math.isfinite(value):  # nan or inf would train NaN heads, or crash deep inside AdamW
         raise UserError(f"config {where}: expected a finite number, got {value}")
+    if typ is float and abs(value) > FLOAT32_MAX:  # finite here, inf in the float32 maths it feeds (AdamW's lr)
+        raise UserError(f"config {where}: expected a number within float32's range (±3.4e38), got {value}")
     return value
 
 

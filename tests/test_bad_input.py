@@ -271,6 +271,10 @@ def test_config_wrong_type_in_file_and_override(pipeline, tmp_path):
 def test_config_non_finite_number_in_override_and_file(pipeline, tmp_path):
     one_error(pipeline("run", "student", "--set", "student.lr=nan"),
               r"^error: config student\.lr: expected a finite number, got nan$")
+    one_error(pipeline("run", "student", "--set", "student.lr=1e39"),
+              r"^error: config student\.lr: expected a number within float32's range \(±3\.4e38\), got 1e\+39$")
+    from pipeline.config import load_config
+    assert load_config(None, ["student.lr=3.4e38"]).student.lr == 3.4e38  # the largest float32s pass
     (tmp_path / "exp.toml").write_text("[student]\nw_ce = -inf\n")
     one_error(pipeline("run", "student", "--config", tmp_path / "exp.toml"),
               r"^error: config student\.w_ce: expected a finite number, got -inf$")

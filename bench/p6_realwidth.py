@@ -5,7 +5,7 @@ by 1 and by 2 ranks at once (2 ranks = two processes, each a TargetReader with i
 - read: one epoch of each rank's TargetReader (global batch 4), items/s and GB/s of its items' `hidden` bytes,
   against a plain sequential read of the same chunk files by as many processes (each its share of the bytes), and
   against the same read with O_DIRECT (the disk's rate with almost no CPU: what the disk gives).
-- data wait: the student's own data path (stages.batches.epoch_batches with stages.student.batch_builder:
+- data wait: the student's own data path (stages.batches.epoch_batches with stages.batches.batch_builder:
   targets read, JPEGs decoded and preprocessed by Idefics2's image processor, micro-batches built and moved
   to the device) driven by a loop whose compute is a time.sleep of 40 or 100 ms per step (no model runs).
   Per step: data wait = the step's wall time − the time slept, i.e. everything between two steps that is not
@@ -135,7 +135,8 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str) -
 
     from pipeline.config import StudentConfig
     from stages.batches import epoch_batches
-    from stages.student import batch_builder, batch_split
+    from stages.batches import batch_builder
+    from stages.student import batch_split
     from stages.tasks.sample import Sample
     from storage.reader import TargetReader
     s = StudentConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from stages.batches import make_batch
 from stages.errors import UserError
 from stages.models import load_model
-from stages.student import answer_start, make_batch
+from stages.student import answer_start
 from stages.tasks import get_task
 from storage.reader import open_manifest, read_items
 

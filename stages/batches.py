@@ -21,6 +21,8 @@ from collections.abc import Callable, Generator
 import numpy as np
 import torch
 
+from stages.models.encode import inputs_from_spans
+
 
 @dataclasses.dataclass
 class MicroBatch:
@@ -156,7 +158,60 @@ class Prefetch:
 
 def epoch_batches(reader, epoch: int, done: int, s, micro: int, build, device) -> Prefetch:
     """The training loop's micro-batches of `epoch` from its global step `done` on (StudentConfig `s`), built
-    ahead by `build` (stages.student.batch_builder) and pinned in memory for an accelerator. The reader yields
+    ahead by `build` (batch_builder below) and pinned in memory for an accelerator. The reader yields
     the rank's items of whole steps only, so every micro-batch is whole."""
     return Prefetch(reader.epoch(epoch, start=done * s.global_batch), build, micro=micro, reader_state=reader.state_dict,
                     depth=s.prefetch, max_bytes=s.prefetch_mb * 2**20, pin=torch.device(device).type == "cuda")
+
+
+# -- what a micro-batch holds, and how the prefetch thread builds one --------------------------------------------
+def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu", empty=None):
+    """Model inputs [BOS] + stored span, and the teacher targets aligned with them, position by position.
+
+    Returns (inputs, target [b, t, l, d], span_mask [b, t]: positions with a target, ce_mask [b, t]:
+    tokens L_gt is taken on — every real token, or from the answer on when answer_starts is given).
+    The target keeps the items' dtype (the store's; an int8 store's values come in float32): `losses` takes it
+    to float32, which gives the same values as a float32 target would, and the host builds and moves half the
+    bytes of a 16-bit store. `empty(shape, dtype)` allocates it (default torch.empty; stages.batches.Buffers).
+    """
+    inputs = inputs_from_spans(lm, [it.token_ids.tolist() for it in items], images)
+    b, t = inputs["input_ids"].shape
+    dims = lm.dims
+    target = (empty or _empty)((b, t, dims.n_layers, dims.d_model), items[0].hidden.dtype)
+    span_mask = torch.zeros(b, t)
+    ce_mask = inputs["attention_mask"].clone()
+    for row, it in enumerate(items):
+        n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
+        # Each position is written once: zeros where no target is (a reused buffer holds anything there, and
+        # a NaN times the span mask's 0 would still be NaN), the stored rows elsewhere.
+        target[row, : t - n].zero_()
+        if keep.all():  # one copy: no temporary (BENCHMARKS.md P6)
+            target[row, t - n:].copy_(it.hidden)
+        else:
+            target[row, t - n:][~keep] = 0
+            target[row, t - n:][keep] = it.hidden.to(target.dtype)
+        span_mask[row, t - n:] = keep.float()
+        ce_mask[row, : t - n] = 0  # L_gt predicts the span's tokens only, never BOS (from a pad position)
+        if answer_starts:
+            ce_mask[row, : t - n + answer_starts[it.sample_id]] = 0
+    # The model may sit on an accelerator (DeepSpeed moves it there); the batch follows it.
+    moved = [x.to(device) for x in (target, span_mask, ce_mask)]
+    return {k: v.to(device) for k, v in inputs.items()}, *moved
+
+
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def batch_builder(lm, by_id: dict, answer_starts: dict, device="cpu", keep: int = 8):
+    """build(items) for the loop's prefetch (stages/batches.py): the images decoded, then make_batch on the CPU.
+
+    The targets go into memory whose pages are already there: for an accelerator page-locked memory from torch's
+    cache of it (which hands a block out again only once the copies from it are done, and which the loop's
+    asynchronous copy needs anyway), else buffers reused once nothing uses them (at most `keep` kept)."""
+    if torch.device(device).type == "cuda":
+        empty = lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True)  # noqa: E731
+    else:
+        empty = Buffers(keep).empty
+    return lambda items: make_batch(lm, items, [[by_id[it.sample_id].load_image()] for it in items], answer_starts,
+                                    empty=empty)

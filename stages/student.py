@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from stages.batches import Buffers, epoch_batches
+from stages.batches import batch_builder, epoch_batches, make_batch
 from stages.card import write_card
 from stages.dist import rank_and_world
 from stages.errors import UserError
 from stages.models import load_model
-from stages.models.encode import inputs_from_spans, tokenize
+from stages.models.encode import tokenize
 from stages.models.provenance import base_model
 from stages.methods import METHODS, save_artifact
 from stages.progress import progress
@@ -73,58 +73,6 @@ def losses(logits_btv, hidden_btld, target_btld, span_mask_bt, ce_mask_bt, input
     ce_bt = torch.nn.functional.cross_entropy(logits_btv[:, :-1].float().transpose(1, 2), targets, reduction="none")
     l_gt = (ce_bt * mask).sum() / mask.sum().clamp(min=1)
     return l_align, l_gt
-
-
-def make_batch(lm, items, images, answer_starts: dict | None = None, device="cpu", empty=None):
-    """Model inputs [BOS] + stored span, and the teacher targets aligned with them, position by position.
-
-    Returns (inputs, target [b, t, l, d], span_mask [b, t]: positions with a target, ce_mask [b, t]:
-    tokens L_gt is taken on — every real token, or from the answer on when answer_starts is given).
-    The target keeps the items' dtype (the store's; an int8 store's values come in float32): `losses` takes it
-    to float32, which gives the same values as a float32 target would, and the host builds and moves half the
-    bytes of a 16-bit store. `empty(shape, dtype)` allocates it (default torch.empty; stages.batches.Buffers).
-    """
-    inputs = inputs_from_spans(lm, [it.token_ids.tolist() for it in items], images)
-    b, t = inputs["input_ids"].shape
-    dims = lm.dims
-    target = (empty or _empty)((b, t, dims.n_layers, dims.d_model), items[0].hidden.dtype)
-    span_mask = torch.zeros(b, t)
-    ce_mask = inputs["attention_mask"].clone()
-    for row, it in enumerate(items):
-        n, keep = len(it.token_ids), torch.from_numpy(it.keep)  # keep: span tokens with a stored row
-        # Each position is written once: zeros where no target is (a reused buffer holds anything there, and
-        # a NaN times the span mask's 0 would still be NaN), the stored rows elsewhere.
-        target[row, : t - n].zero_()
-        if keep.all():  # one copy: no temporary (BENCHMARKS.md P6)
-            target[row, t - n:].copy_(it.hidden)
-        else:
-            target[row, t - n:][~keep] = 0
-            target[row, t - n:][keep] = it.hidden.to(target.dtype)
-        span_mask[row, t - n:] = keep.float()
-        ce_mask[row, : t - n] = 0  # L_gt predicts the span's tokens only, never BOS (from a pad position)
-        if answer_starts:
-            ce_mask[row, : t - n + answer_starts[it.sample_id]] = 0
-    # The model may sit on an accelerator (DeepSpeed moves it there); the batch follows it.
-    moved = [x.to(device) for x in (target, span_mask, ce_mask)]
-    return {k: v.to(device) for k, v in inputs.items()}, *moved
-
-
-def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype)
-
-
-def batch_builder(lm, by_id: dict, answer_starts: dict, device="cpu", keep: int = 8):
-    """build(items) for the loop's prefetch (stages/batches.py): the images decoded, then make_batch on the CPU.
-
-    The targets go into memory whose pages are already there: for an accelerator page-locked memory from torch's
-    cache of it (which hands a block out again only once the copies from it are done, and which the loop's
-    asynchronous copy needs anyway), else buffers reused once nothing uses them (at most `keep` kept)."""
-    if torch.device(device).type == "cuda":
-        empty = lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True)  # noqa: E731
-    else:
-        empty = Buffers(keep).empty
-    return lambda items: make_batch(lm, items, [[by_id[it.sample_id].load_image()] for it in items], answer_starts,
-                                    empty=empty)
 
 
 def answer_start(lm, kind: str, query) -> int:

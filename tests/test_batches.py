@@ -16,7 +16,7 @@ from stages.batches import Buffers, Prefetch, epoch_batches
 from stages.errors import UserError
 from stages.models import load_model
 from stages.models.tiny import make_model
-from stages.student import batch_builder, make_batch
+from stages.batches import batch_builder, make_batch
 from stages.tasks.sample import Sample
 from storage.errors import StoreError
 from storage.reader import TargetReader

@@ -155,7 +155,8 @@ def test_prompt_tunings_losses_line_up_with_the_stored_span(model_dirs):
     """With the virtual tokens between BOS and the span, L_align compares stored span position j with the student's
     span position j and L_gt predicts the span's tokens (the first from the last virtual token): both equal to a
     hand computation on each row alone, [BOS, virtual ids, span], through every layer's MLP output."""
-    from stages.student import Student, losses, make_batch
+    from stages.batches import make_batch
+    from stages.student import Student, losses
     from storage.writer import Item
     lm = load_model(model_dirs["idefics2"], dtype="float64")
     prompt = _randomised(METHODS["prompt-tuning"].add(lm, _student_config(method="prompt-tuning"))["prompt"])

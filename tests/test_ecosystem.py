@@ -211,7 +211,7 @@ def test_align_returns_l_align_per_layer(trained, tmp_path, monkeypatch):
     from pipeline.defaults import resolve
     from stages import evaluate
     from stages.models.heads import attach, load_heads
-    from stages.student import make_batch
+    from stages.batches import make_batch
     from stages.tasks import get_task
     from storage.reader import read_items
     tmp, runs = trained

@@ -197,7 +197,7 @@ def test_batch_aligns_targets_and_masks_with_the_span(setup, model_dirs, data_ro
     """make_batch: [BOS] + stored span, targets at the span's positions, L_gt from the answer on when asked."""
     from stages.models import load_model
     from stages.models.encode import tokenize
-    from stages.student import make_batch
+    from stages.batches import make_batch
     from stages.tasks import get_task
     from stages.tasks.prompts import build_prompt
     from storage.reader import read_items
@@ -225,7 +225,7 @@ def test_batch_aligns_targets_and_masks_with_the_span(setup, model_dirs, data_ro
 def test_l_gt_targets_are_the_span_tokens_only(setup, model_dirs):
     """Without answer_starts, L_gt predicts every span token and nothing before it (not BOS from a pad)."""
     from stages.models import load_model
-    from stages.student import make_batch
+    from stages.batches import make_batch
     from storage.reader import read_items
 
     tmp, _ = setup
@@ -309,7 +309,8 @@ def test_answer_only_ce_masks_everything_before_the_answer(tmp_path):
     """student.ce_on=answer: answer_start finds the answer in the span, and L_gt is taken on answer + EOS only."""
     from stages.models import load_model
     from stages.models.encode import encode
-    from stages.student import answer_start, make_batch
+    from stages.batches import make_batch
+    from stages.student import answer_start
     from stages.tasks import get_task
     from stages.tasks.prompts import build_prompt
     from stages.tasks.toy_icl import model_dpath, write_toy_icl

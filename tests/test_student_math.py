@@ -12,7 +12,8 @@ import torch
 from stages.models import load_model
 from stages.models.encode import encode
 from stages.models.heads import attach, build_heads, detach
-from stages.student import Student, losses, make_batch
+from stages.batches import make_batch
+from stages.student import Student, losses
 from stages.tasks.prompts import build_prompt
 from stages.tasks.sample import Sample
 from storage.writer import Item

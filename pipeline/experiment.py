@@ -20,6 +20,7 @@ results.json, Markdown tables to results.md, and the plots to accuracy_vs_k.png 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -196,12 +197,16 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
     def accuracy(*overrides) -> float:
         return _evaluated(cfg(*overrides))["vqa_accuracy"]
 
+    # Once per store and task: teacher.run loads the model before it finds a store complete. Here, when a student
+    # needs it, not up front: see _ceiling.
+    make_store = functools.cache(lambda *store: teacher.run(cfg(*store)))
+
     def trained(out_dpath: str, store: tuple[str, ...], *overrides) -> float:
         """Train a student on the store that `store` names (unless done with this config) and evaluate it as MimIC."""
         overrides = (*store, *overrides)
         run_cfg = cfg(*overrides, f"student.out={out_dpath}")
         if not _done(out_dpath, os.path.join("heads", "heads.safetensors"), run_cfg):
-            teacher.run(cfg(*store))  # here, not up front: see _ceiling
+            make_store(*store)
             student.run(run_cfg)
         eval_dpath = os.path.join(run_dir, os.path.basename(out_dpath).replace("student-", "eval-mimic-", 1))
         return accuracy(*overrides, "eval.mode=mimic", f"eval.heads={out_dpath}/heads", f"eval.out={eval_dpath}")

@@ -42,6 +42,8 @@ def values_dtype(dtype: str) -> str:
     """The dtype of the values a writer takes, and readers return, for a store of `dtype`: an int8 store takes
     float32 values (it quantizes them) and gives back q * s in float32."""
     return "float32" if dtype == "int8" else dtype
+
+
 _MARKER_NAME = re.compile(r"^(\d{6,})\.json$")
 _DATA_NAME = re.compile(r"^(\d{6,})-[0-9a-f]{16}$")
 

@@ -48,9 +48,11 @@ def test_compare_runs_every_method_and_size_from_one_store_and_resumes(pipeline,
     assert code == 0, stderr
     task = out / "attribute0"
 
-    # One teacher store for the task, whatever the methods and sizes.
+    # One teacher store for the task, whatever the methods and sizes, made by one teacher run (each run loads the
+    # model, even on a complete store).
     stores = [d for d in os.listdir(task) if os.path.isfile(task / d / "manifest.json")]
     assert stores == ["store-vqav2-8shot"], sorted(os.listdir(task))
+    assert stdout.count("shards to write") == 1, stdout
 
     # Each student: the store's first N queries, the same number of optimiser steps whatever N.
     for method in METHODS:

@@ -241,7 +241,7 @@ def _runs_lines(res: dict) -> list[str]:
 
 
 def render(res: dict) -> str:
-    m, r = res["machine"], res["results"]
+    r = res["results"]
     lines = [
         "# Benchmarks", "",
         "Every figure is a ratio of two things measured in the same run, alternating where they share a process;",

@@ -265,8 +265,9 @@ def experiment_toy_icl(overrides, family, out_dpath, tasks, num_samples, sweep, 
     """MimIC against zero-shot and k-shot ICL on a toy task family of the toy ICL model (issues 8 and 15).
 
     Per task: zero-shot and ICL (k = 1..32) evaluation, teachers at k = 8 and 16, and students
-    with MSE + CE, MSE only and CE only, each evaluated as MimIC; the MSE-only ceiling, measured by
-    patching an after-SA teacher's outputs into the zero-shot model; and the three students at each
+    with MSE + CE (CE on every span token, the authors' choice, and on the answer only), MSE only
+    and CE only, each evaluated as MimIC; the MSE-only ceiling, measured by patching an after-SA
+    teacher's outputs into the zero-shot model; and MSE + CE, MSE only and CE only at each
     training-set size N of the sweep, with the same number of optimiser steps. Writes results.md,
     results.json, accuracy_vs_k.png and accuracy_vs_n.png into --out. Rerunning the same command
     resumes; steps already done are kept.

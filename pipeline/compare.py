@@ -40,7 +40,7 @@ import time
 
 from pipeline.config import load_config
 from pipeline.experiment import (GLOBAL_BATCH, N_TRAIN, _done, _evaluated, _fmt, checked_family, clocked, families,
-                                 map_tasks, plot_vs_n, stats, sweep_epochs, task_config)
+                                 map_tasks, plot_vs_n, same_config, stats, sweep_epochs, task_config)
 from stages.errors import UserError
 from stages.evaluate import _write_json
 
@@ -88,7 +88,7 @@ def _teacher_seconds(cfg, fpath: str, run: bool) -> float:
     (a no-op if it is); without, only where no time is recorded (see experiment._ceiling on why stores are lazy)."""
     from stages import teacher
     recorded = json.load(open(fpath)) if os.path.isfile(fpath) else None
-    if recorded is not None and recorded["config"] != cfg.to_dict():
+    if recorded is not None and not same_config(recorded["config"], cfg):
         recorded = None
     if run or recorded is None:
         t0 = time.monotonic()

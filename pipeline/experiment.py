@@ -6,7 +6,8 @@ lookup) and attribute (stages/tasks/toy_attribute.py: they say which attribute o
 the same for every query). On each task u of a family:
 
     data(u) -> eval zero-shot, eval k-shot ICL (k in ICL_SHOTS)
-            -> for k in TEACHER_SHOTS: teacher(k) -> students (MSE + CE, MSE only, CE only) -> eval MimIC
+            -> for k in TEACHER_SHOTS: teacher(k) -> students (MSE + CE, the same with CE on the answer only,
+                                       MSE only, CE only) -> eval MimIC
                                        teacher(k) aligned after SA -> the MSE-only ceiling (mse_ceiling.py)
             -> for N in the sweep: teacher(SWEEP_SHOTS, first N queries) -> the three students, SWEEP_STEPS
                optimiser steps whatever N -> eval MimIC
@@ -37,10 +38,15 @@ from stages.errors import UserError
 N_TRAIN = 1000  # training queries per task, as in the paper's headline table (METHOD.md §7)
 TEACHER_SHOTS = (8, 16)
 ICL_SHOTS = (1, 2, 4, 8, 16, 32)
-# The student's three losses: both terms with the defaults (METHOD.md §4), and each half alone.
-STUDENTS = {"mimic": (), "mse_only": ("student.w_ce=0",), "ce_only": ("student.w_align=0",)}
+# The student's losses: both terms with the defaults (METHOD.md §4), and each half alone; and both terms with L_gt
+# on the answer tokens only, where the authors take it on every span token (on the attribute family's colour
+# tasks that scope decides whether MimIC reaches ICL: README). The sweep trains the first three.
+STUDENTS = {"mimic": (), "mimic_answer": ("student.ce_on=answer",), "mse_only": ("student.w_ce=0",),
+            "ce_only": ("student.w_align=0",)}
+SWEEP_STUDENTS = ("mimic", "mse_only", "ce_only")
 PATCHED = ("patched_teacher", "patched_ceiling")  # first-answer-token accuracy on the training queries
 LABELS = {"zero_shot": "zero-shot", "icl": "k-shot ICL", "mimic": "MimIC (MSE + CE)",
+          "mimic_answer": "MimIC (MSE + CE on the answer only)",
           "mse_only": "MimIC, MSE only", "ce_only": "MimIC, CE only", "patched_ceiling": "MSE-only ceiling"}
 SWEEP_SIZES = (16, 32, 128, 1000)
 SWEEP_SHOTS = 8
@@ -94,11 +100,28 @@ def families() -> dict[str, Family]:
                                 3 * len(TASKS))}
 
 
+def _portable(config: dict) -> dict:
+    """config with the shipped model named by its place in the package, not on this disk.
+
+    Configs hold absolute model paths; the committed results in bench/ were made in one checkout and must
+    still count as done in another (any other model path is compared as it is)."""
+    from stages.tasks.toy_icl import model_dpath
+    shipped = os.path.join("stages", "models", os.path.basename(model_dpath()))
+    if os.path.normpath(config["model"]["path"]).endswith(os.sep + shipped):
+        config = {**config, "model": {**config["model"], "path": "<package>/" + shipped.replace(os.sep, "/")}}
+    return config
+
+
+def same_config(recorded: dict, cfg) -> bool:
+    """Whether a result recorded with config `recorded` was made with cfg (see _portable)."""
+    return _portable(recorded) == _portable(cfg.to_dict())
+
+
 def _done(out_dpath: str, result_fname: str, cfg) -> bool:
     """Whether a step already wrote its result in out_dpath, with this same config."""
     config_fpath = os.path.join(out_dpath, "config.json")
     return (os.path.isfile(os.path.join(out_dpath, result_fname)) and os.path.isfile(config_fpath)
-            and json.load(open(config_fpath)) == cfg.to_dict())
+            and same_config(json.load(open(config_fpath)), cfg))
 
 
 def _evaluated(cfg) -> dict:
@@ -238,8 +261,8 @@ def task_results(out: str, family: Family, u: int, num_samples: int, extra: tupl
         if n != n_train:  # all training queries: the main table's store
             store.append(f"teacher.store={run_dir}/store-{SWEEP_SHOTS}shot-n{n}")
         epochs = sweep_epochs(sweep_steps, n)
-        for method, overrides in STUDENTS.items():
-            a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), tuple(store), *overrides,
+        for method in SWEEP_STUDENTS:
+            a = trained(os.path.join(run_dir, f"student-sweep-n{n}-{method}"), tuple(store), *STUDENTS[method],
                         f"student.epochs={epochs}", f"student.global_batch={GLOBAL_BATCH}")
             result.setdefault("sweep", {}).setdefault(n, {})[method] = a
             log(f"{tag}: N={n} {method} {a:.1f}")
@@ -260,7 +283,7 @@ def summarise(per_task: dict[int, dict]) -> dict:
     for name in ("icl", *STUDENTS, *PATCHED):
         summary[name] = {k: stats(r[name][k] for r in rows) for k in rows[0][name]}
     if rows[0].get("sweep"):
-        summary["sweep"] = {n: {m: stats(r["sweep"][n][m] for r in rows) for m in STUDENTS} for n in rows[0]["sweep"]}
+        summary["sweep"] = {n: {m: stats(r["sweep"][n][m] for r in rows) for m in SWEEP_STUDENTS} for n in rows[0]["sweep"]}
     return summary
 
 
@@ -274,7 +297,7 @@ def table(summary: dict, family: Family, n_tasks: int, n_queries: int, sweep_ste
              f"{n_queries} test queries in all; {N_TRAIN} training queries per task; demonstrations by the cover "
              f"sampler from the whole training split; {minutes:.0f} min.", "",
              "| method | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks),
-             f"| zero-shot | " + " | ".join(_fmt(summary["zero_shot"]) for _ in ks) + " |"]
+             "| zero-shot | " + " | ".join(_fmt(summary["zero_shot"]) for _ in ks) + " |"]
     for name in ("icl", *STUDENTS):
         lines.append(f"| {LABELS[name]} | " + " | ".join(_fmt(summary[name][k]) for k in ks) + " |")
     ceiling = summary["patched_ceiling"]
@@ -296,13 +319,14 @@ def table(summary: dict, family: Family, n_tasks: int, n_queries: int, sweep_ste
         lines += ["", f"Training-set size (teacher k = {SWEEP_SHOTS}; {sweep_steps} optimiser steps of "
                   f"{GLOBAL_BATCH} queries whatever N, the demonstrations from the whole training split; "
                   f"k = {SWEEP_SHOTS} ICL {_fmt(summary['icl'][SWEEP_SHOTS])}, zero-shot {_fmt(summary['zero_shot'])}):",
-                  "", "| N | " + " | ".join(LABELS[m] for m in STUDENTS) + " |", "|---|" + "---|" * len(STUDENTS)]
+                  "", "| N | " + " | ".join(LABELS[m] for m in SWEEP_STUDENTS) + " |", "|---|" + "---|" * len(SWEEP_STUDENTS)]
         for n in sorted(sweep, key=int):
-            lines.append(f"| {n} | " + " | ".join(_fmt(sweep[n][m]) for m in STUDENTS) + " |")
+            lines.append(f"| {n} | " + " | ".join(_fmt(sweep[n][m]) for m in SWEEP_STUDENTS) + " |")
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"mimic": ("s", 0.94), "mse_only": ("^", 1.0), "ce_only": ("v", 1.06), "patched_ceiling": ("x", 1.03)}
+MARKERS = {"mimic": ("s", 0.94), "mimic_answer": ("D", 0.97), "mse_only": ("^", 1.0), "ce_only": ("v", 1.06),
+           "patched_ceiling": ("x", 1.03)}
 
 
 def _figure():
@@ -361,7 +385,7 @@ def plot_vs_n(lines: list[tuple[str, dict, str, float]], references: dict[str, d
 
 def plot_sweep(summary: dict, family: Family, sweep_steps: int, fpath: str) -> None:
     sweep = {int(n): by_method for n, by_method in summary["sweep"].items()}
-    plot_vs_n([(LABELS[name], {n: sweep[n][name] for n in sweep}, *MARKERS[name]) for name in STUDENTS],
+    plot_vs_n([(LABELS[name], {n: sweep[n][name] for n in sweep}, *MARKERS[name]) for name in SWEEP_STUDENTS],
               {f"k = {SWEEP_SHOTS} ICL": summary["icl"][SWEEP_SHOTS], "zero-shot": summary["zero_shot"]},
               f"N: training queries (teacher k = {SWEEP_SHOTS}, {sweep_steps} optimiser steps each)",
               f"{family.name} family", fpath)
@@ -382,11 +406,18 @@ def checked_family(family: str, tasks: list[int], jobs: int) -> Family:
     return fam
 
 
-def _in_process(threads: int, fn, u: int, args: tuple) -> dict:
-    """One task in a process of its own (--jobs), with its share of the cores."""
+def _worker(threads: int, parent: int) -> None:
+    """Set up a task process (--jobs): its share of the cores, and its end when the experiment's process ends.
+    A killed parent would otherwise leave its workers training on, unseen; what they leave half done is
+    redone by the next run, as after any kill."""
     import torch
     torch.set_num_threads(threads)
-    return fn(u, *args, print)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def map_tasks(fn, tasks: list[int], jobs: int, args: tuple, log) -> dict:
@@ -397,8 +428,9 @@ def map_tasks(fn, tasks: list[int], jobs: int, args: tuple, log) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {u: pool.submit(_in_process, threads, fn, u, args) for u in tasks}
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker,
+                             initargs=(threads, os.getpid())) as pool:
+        futures = {u: pool.submit(fn, u, *args, print) for u in tasks}
         return {u: f.result() for u, f in futures.items()}
 
 

@@ -12,8 +12,6 @@ which holds the same module object. prompt_inputs, generation_kwargs and decode 
 """
 from __future__ import annotations
 
-import json
-import os
 from contextlib import contextmanager
 
 import torch
@@ -21,13 +19,12 @@ from torch import nn
 
 from pipeline.config import EvalConfig
 from stages import evaluate
-from stages.methods import METHOD_FNAME, load_artifact
+from stages.methods import load_artifact
 from stages.methods.live import MODULE_NAME as LIVE_MODULE
 from stages.models import FAMILIES, LoadedModel, load_model
 from stages.models.encode import encode
 from stages.models.heads import MimicHeads, attach, attached_heads, detach
 from stages.models.prompt import attach_prompt, attached_prompt, detach_prompt
-from stages.models.provenance import check_base_model
 from stages.tasks import get_task
 from stages.tasks.prompts import build_prompt
 from stages.tasks.sample import Sample
@@ -41,10 +38,7 @@ def load_with_heads(model_path: str, artifact_dpath: str, dtype: str = "float32"
     `artifact_dpath` on it (its output directory, holding method.json). Refused, in one line naming both, when
     the artifact was trained on another base model."""
     lm = load_model(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    fpath = os.path.join(artifact_dpath, METHOD_FNAME)
-    recorded = json.load(open(fpath)).get("base_model") if os.path.isfile(fpath) else None
-    check_base_model(recorded, lm, artifact_dpath)
-    load_artifact(artifact_dpath, lm)
+    load_artifact(artifact_dpath, lm)  # refused there if it was trained on another base model
     if isinstance(heads := attached_heads(lm), nn.Module):
         lm.model.add_module(HEADS_NAME if isinstance(heads, MimicHeads) else VIRTUAL_KV_NAME, heads)
     if (prompt := attached_prompt(lm)) is not None:

@@ -419,7 +419,7 @@ def check_arrays(manifest: Manifest, marker: Marker, arrays: dict[str, np.ndarra
     """Problems of one shard's arrays against the manifest and its marker (empty list = consistent)."""
     where = f"shard {marker.shard} ({marker.data})"
     n_items = len(kept_queries(manifest, marker.shard, marker.skipped)) * manifest.views
-    hidden, offsets, token_ids, keep = arrays["hidden"], arrays["offsets"], arrays["token_ids"], arrays["keep"]
+    offsets, keep = arrays["offsets"], arrays["keep"]
     icd_offsets, icd_ids, sample_ids = arrays["icd_offsets"], arrays["icd_ids"], arrays["sample_ids"]
     expect = {
         "hidden": ((int(keep.sum()), manifest.n_layers, manifest.d_model), STORED_DTYPE[manifest.dtype]),

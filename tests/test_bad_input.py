@@ -93,7 +93,6 @@ def _markers(store) -> dict[str, bytes]:
 def store(model_dirs, data_root, tmp_path_factory):
     """A complete 2-shot store of 8 queries in 4 shards (never modified: tests copy it)."""
     from pipeline.config import load_config
-    from stages.errors import UserError
     from pipeline.defaults import resolve
     path = str(tmp_path_factory.mktemp("bad-input") / "store")
     teacher.run(resolve(load_config(None, [f"model.path={model_dirs['idefics2']}", f"task.root={data_root}",
@@ -473,7 +472,6 @@ def test_on_bad_sample_skip_records_the_reasons_and_the_student_leaves_them_out(
 ])
 def test_out_of_range_config_values(override, message):
     from pipeline.config import load_config
-    from stages.errors import UserError
     from stages.errors import UserError
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])

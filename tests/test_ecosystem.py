@@ -136,9 +136,10 @@ def test_artifact_follows_the_model_to_cuda(trained):
 
 def test_refuses_an_artifact_of_another_base_model(trained, tmp_path):
     """The same toy checkpoint copied elsewhere loads the artifact; a copy with one weight changed (same config and
-    shapes, so the heads would fit) is refused in one line naming both models."""
+    shapes, so the heads would fit) is refused in one line naming both models, by the Python API and by
+    `pipeline eval` in both modes that load an artifact."""
     from stages.api import load_with_heads
-    _, runs = trained
+    tmp, runs = trained
     same, other = tmp_path / "same", tmp_path / "other"
     shutil.copytree(model_dpath(), same)
     shutil.copytree(model_dpath(), other)
@@ -151,6 +152,13 @@ def test_refuses_an_artifact_of_another_base_model(trained, tmp_path):
         load_with_heads(str(other), str(runs["mimic"]))
     message = str(e.value)
     assert "\n" not in message and model_dpath() in message and str(other) in message, message
+    for mode in (["--mode", "mimic", "--heads", f"{runs['mimic']}/heads"], ["--mode", "trained", "--student", str(runs["mimic+lora"])]):
+        out = _pipeline(["eval", *mode, "--num-samples", "4", "--set", f"model.path={other}",
+                         "--set", f"eval.out={tmp_path / 'eval'}"], tmp, check=False)
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert out.returncode != 0 and "Traceback" not in out.stderr and len(errors) == 1, out.stderr
+        assert "trained on base model" in errors[0] and str(other) in errors[0], errors
+        assert not os.path.exists(tmp_path / "eval" / "metrics.json")
 
 
 def _front_matter(fpath):

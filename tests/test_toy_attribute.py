@@ -137,7 +137,6 @@ def test_attribute_experiment_takes_each_querys_mean_over_its_views_as_the_ceili
     """On the attribute family a query is not determined by its answer, so the MSE-only optimum is the mean over
     each query's own demonstration draws (teacher.views = 8), not over the queries with its answer: the
     experiment measures the ceiling on such a store, once per query, with that mean patched in."""
-    import torch
 
     from pipeline import experiment, mse_ceiling
     from storage.reader import read_items

@@ -5,11 +5,15 @@ a short run on tiny settings lowers the loss; the saved model loads through stag
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import numpy as np
@@ -23,7 +27,7 @@ from stages.tasks import get_task
 from stages.tasks.prompts import build_prompt
 from stages.tasks.sample import Sample
 from stages.tasks.toy_icl import (COLOURS, N_HELD_OUT, QUESTION, WORDS, anchor_permutation, build_model,
-                                  held_out_permutations, permutation, write_toy_icl)
+                                  held_out_permutations, model_dpath, permutation, write_toy_icl)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,7 +154,6 @@ def test_patching_the_teachers_own_outputs_reproduces_its_answers(tmp_path):
     from stages import teacher
     from stages.student import answer_start
     from stages.tasks.prompts import reference_answer
-    from stages.tasks.toy_icl import model_dpath
     from storage.reader import read_items
 
     data = str(tmp_path / "toy")
@@ -226,14 +229,18 @@ def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
     results = json.load(open(os.path.join(out, "results.json")))
     assert results["family"] == "lookup" and set(results["per_task"]) == {"0", "1"}
     row = results["per_task"]["1"]
-    assert set(row) == {"zero_shot", "icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling",
-                        "sweep"}
+    assert set(row) == {"zero_shot", "icl", "mimic", "mimic_answer", "mse_only", "ce_only", "patched_teacher",
+                        "patched_ceiling", "sweep"}
     assert set(row["icl"]) == {"1", "2", "4", "8", "16", "32"} and set(row["mimic"]) == {"8", "16"}
     assert set(row["sweep"]) == {"8", "40"} and all(set(r) == {"mimic", "mse_only", "ce_only"}
                                                      for r in row["sweep"].values())
-    assert all(0 <= a <= 100 for m in ("icl", "mimic", "mse_only", "ce_only", "patched_teacher", "patched_ceiling")
+    assert all(0 <= a <= 100 for m in ("icl", "mimic", "mimic_answer", "mse_only", "ce_only", "patched_teacher",
+                                       "patched_ceiling")
                for a in row[m].values())
     assert row["ce_only"]["8"] == row["ce_only"]["16"]
+    for method, ce_on in (("mimic", "all"), ("mimic_answer", "answer")):
+        student = json.load(open(os.path.join(out, "perm1", f"student-{method}-8shot", "config.json")))["student"]
+        assert (student["ce_on"], student["w_align"], student["w_ce"]) == (ce_on, 1.0, 0.5)
     for n, steps_per_epoch in ((8, 2), (40, 10)):  # 6 steps at the global batch of 4: 3 epochs of 8, 1 of 40 (rounded)
         log = [json.loads(line) for line in open(os.path.join(out, "perm1", f"student-sweep-n{n}-mimic", "losses.jsonl"))]
         assert max(r["step"] for r in log) == max(1, round(6 * 4 / n)) * steps_per_epoch
@@ -248,15 +255,43 @@ def test_experiment_command_writes_table_plot_and_resumes(tmp_path):
               for f in _files(out, name)}
     assert len(_files(out, "ceiling.json")) == 4  # 2 permutations x 2 teachers
     # The rerun goes on from the small results alone, as on a fresh machine with what .gitignore keeps of a bench/
-    # experiment: no store, no checkpoint.
+    # experiment: no store, no checkpoint, and the configs written in a checkout somewhere else.
     stores = [d for d in glob.glob(os.path.join(out, "perm*", "*")) if os.path.isfile(os.path.join(d, "manifest.json"))]
     assert len(stores) == 2 * 5  # per permutation: the 8- and 16-shot teachers, their after-SA twins, the n8 store
     for d in [*stores, *glob.glob(os.path.join(out, "perm*", "student-*", "checkpoints"))]:
         shutil.rmtree(d)
+    for fpath in _files(out, "config.json"):
+        config = json.load(open(fpath))
+        assert config["model"]["path"] == model_dpath()
+        config["model"]["path"] = "/elsewhere/checkout/stages/models/toy_icl"
+        json.dump(config, open(fpath, "w"))
     again = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert again.exit_code == 0 and json.load(open(os.path.join(out, "results.json")))["summary"] == results["summary"]
     assert stamps == {f: os.path.getmtime(f) for f in stamps}  # nothing was trained, evaluated or measured again
     assert not any(os.path.isfile(os.path.join(d, "manifest.json")) for d in stores)  # nor any store rebuilt
+
+
+def test_killing_the_experiment_ends_its_task_processes(tmp_path):
+    """With --jobs each task runs in a process of its own; a SIGKILL of the experiment (no handler of its runs)
+    must not leave them training on unseen."""
+    import psutil
+    cmd = [sys.executable, "-m", "pipeline.cli", "experiment", "toy-icl", "--out", str(tmp_path / "exp"), "--tasks", "2",
+           "--jobs", "2", "--sweep", "", "--set", "student.epochs=100000"]  # far longer than this test waits
+    parent = psutil.Process(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)
+    workers = []
+    try:
+        while len(workers) < 2:  # the pool's two task processes, started with the first tasks
+            assert parent.is_running() and parent.status() != psutil.STATUS_ZOMBIE, "the experiment ended early"
+            workers = [p for p in parent.children() if "spawn_main" in " ".join(p.cmdline())]
+            time.sleep(0.5)
+        parent.kill()
+        parent.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=120)  # they notice within seconds; slack for a busy machine
+        assert not alive, f"task processes still running after the experiment was killed: {alive}"
+    finally:
+        for p in [parent, *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
 
 
 def _files(root: str, name: str) -> list[str]:

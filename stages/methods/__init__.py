@@ -23,6 +23,7 @@ from types import ModuleType
 
 from stages.errors import UserError
 from stages.methods import live, lora, lora_dagger, mimic, mimic_lora, prompt_tuning, virtual_kv
+from stages.models.provenance import check_base_model
 
 METHODS: dict[str, ModuleType] = {"mimic": mimic, "lora": lora, "lora-dagger": lora_dagger, "mimic+lora": mimic_lora,
                                   "live": live, "prompt-tuning": prompt_tuning, "virtual-kv": virtual_kv}
@@ -40,8 +41,10 @@ def load_artifact(dpath: str, lm) -> str:
 
     A run from before method.json existed holds MimIC heads only."""
     fpath = os.path.join(dpath, METHOD_FNAME)
-    name = json.load(open(fpath))["method"] if os.path.isfile(fpath) else "mimic"
+    meta = json.load(open(fpath)) if os.path.isfile(fpath) else {"method": "mimic"}
+    name = meta["method"]
     if name not in METHODS:
         raise UserError(f"{fpath}: unknown method '{name}'; this version knows {', '.join(METHODS)}")
+    check_base_model(meta.get("base_model"), lm, dpath)
     METHODS[name].load(dpath, lm)
     return name

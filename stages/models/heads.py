@@ -214,6 +214,7 @@ def load_heads(dpath: str, lm) -> MimicHeads:
     from safetensors.torch import load_file
 
     from stages.errors import UserError
+    from stages.models.provenance import check_base_model
 
     config_fpath, weights_fpath = os.path.join(dpath, "heads.json"), os.path.join(dpath, "heads.safetensors")
     if not (os.path.isfile(config_fpath) and os.path.isfile(weights_fpath)):
@@ -231,6 +232,7 @@ def load_heads(dpath: str, lm) -> MimicHeads:
     if shape != (dims.n_layers, dims.n_heads, dims.head_dim):
         raise UserError(f"heads in {dpath} are for {shape[0]} layers x {shape[1]} heads x {shape[2]} dims, the model "
                         f"{lm.path} has {dims.n_layers} x {dims.n_heads} x {dims.head_dim}; use heads trained on it")
+    check_base_model(config.get("base_model"), lm, dpath)
     heads = build_heads(*shape, masked, **kind)
     heads.load_state_dict(load_file(weights_fpath))
     return heads

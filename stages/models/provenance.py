@@ -6,6 +6,7 @@ its weight files, and the hub revision when the model came from the hub.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -30,9 +31,16 @@ def config_sha256(lm) -> str:
 
 def weights_sha256(path: str) -> str:
     """sha256 of the model's safetensors files, one after the other in name order (`sha256sum model.safetensors`
-    for a single file); a pass over the weights: seconds per GB."""
+    for a single file); a pass over the weights: seconds per GB, so taken once per process while the files'
+    sizes and times stay the same (an artifact's parts each check the model they load onto)."""
+    fpaths = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return _sha256(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in fpaths))
+
+
+@functools.cache
+def _sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for fpath in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for fpath, _, _ in files:
         with open(fpath, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

@@ -39,8 +39,8 @@ import os
 import time
 
 from pipeline.config import load_config
-from pipeline.experiment import (GLOBAL_BATCH, N_TRAIN, _done, _evaluated, _fmt, checked_family, clocked, families,
-                                 map_tasks, plot_vs_n, same_config, stats, sweep_epochs, task_config)
+from pipeline.experiment import (GLOBAL_BATCH, N_TRAIN, _done, _evaluated, _fmt, check_model, checked_family, clocked,
+                                 families, map_tasks, plot_vs_n, same_config, stats, sweep_epochs, task_config)
 from stages.errors import UserError
 from stages.evaluate import _write_json
 
@@ -209,7 +209,7 @@ def run(out: str, family: str, tasks: list[int], num_samples: int, methods: tupl
     if not sizes or any(not GLOBAL_BATCH <= n <= n_train for n in sizes) or steps < 1:
         raise UserError(f"training-set sizes must be in {GLOBAL_BATCH}..{n_train} (a global batch to the store's "
                         f"queries) and the steps at least 1; got {list(sizes)}, {steps} steps")
-    os.makedirs(out, exist_ok=True)
+    check_model(out, extra)
     with clocked(out) as total:
         per_task = map_tasks(task_results, tasks, jobs, (out, family, methods, sizes, steps, num_samples, extra), log)
         minutes = total()

@@ -153,6 +153,23 @@ def _ceiling(cfg, out_dpath: str) -> dict:
     return patched
 
 
+def check_model(out: str, extra: tuple[str, ...]) -> None:
+    """Refuse to go on in `out` with other model weights than its results were made with.
+
+    Configs name the model by its path, so a retrained toy model would find every result in a committed bench/
+    directory done. out/model.json keeps the sha256 of the weights of the first run there."""
+    from stages.evaluate import _write_json
+    from stages.models.provenance import weights_sha256
+    from stages.tasks.toy_icl import model_dpath
+    path = load_config(None, list(extra)).model.path or model_dpath()
+    digest, fpath = weights_sha256(path), os.path.join(out, "model.json")
+    if os.path.isfile(fpath) and (recorded := json.load(open(fpath))["weights_sha256"]) != digest:
+        raise UserError(f"{out} holds results of a model with weights sha256 {recorded[:12]}, but {path} has "
+                        f"{digest[:12]}; choose another --out, or delete {out} to start over")
+    os.makedirs(out, exist_ok=True)
+    _write_json(fpath, {"weights_sha256": digest})
+
+
 @contextlib.contextmanager
 def clocked(out: str):
     """Yield total(): the wall minutes spent on the experiment in `out` over every invocation, this one included.
@@ -445,7 +462,7 @@ def run(out: str, family: str, tasks: list[int], num_samples: int, extra: tuple[
     if any(not 0 < n <= N_TRAIN for n in sweep) or sweep_steps < 1:
         raise UserError(f"training-set sizes of the sweep must be in 1..{N_TRAIN} and its steps at least 1; "
                         f"got {list(sweep)}, {sweep_steps} steps")
-    os.makedirs(out, exist_ok=True)
+    check_model(out, extra)
     with clocked(out) as total:
         per_task = map_tasks(_family_task, tasks, jobs, (out, family, num_samples, extra, sweep, sweep_steps), log)
         minutes = total()

@@ -17,7 +17,7 @@ import os
 
 from pipeline.config import load_config
 from pipeline.defaults import resolve
-from pipeline.experiment import _done, _evaluated, clocked
+from pipeline.experiment import _done, _evaluated, check_model, clocked
 
 SHOTS = 8
 # name -> overrides. The authors' LoRA config trains on L_gt alone (w_align 0): Tab. 12's LoRA and Tab. 11's
@@ -51,7 +51,7 @@ L2_RUNS = ("lora_dagger", "lora", "lora_dagger_align", "lora_align", "mimic", "l
 
 
 def run(out: str, extra: tuple[str, ...], log) -> dict:
-    os.makedirs(out, exist_ok=True)
+    check_model(out, extra)
     with clocked(out) as total:
         return _run(out, extra, log, total)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -292,6 +293,27 @@ def test_killing_the_experiment_ends_its_task_processes(tmp_path):
         for p in [parent, *workers]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
+
+
+def test_experiments_refuse_a_directory_made_with_other_weights(tmp_path):
+    """Each experiment records the sha256 of the model's weights in out/model.json (checked here with hashlib), and
+    refuses a directory whose results were made with other weights, in one line, before writing anything."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from pipeline.experiment import check_model
+    check_model(str(tmp_path / "new"), ())
+    digest = hashlib.sha256(open(os.path.join(model_dpath(), "model.safetensors"), "rb").read()).hexdigest()
+    assert json.load(open(tmp_path / "new" / "model.json")) == {"weights_sha256": digest}
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "model.json").write_text(json.dumps({"weights_sha256": "0" * 64}))
+    for command in (["toy-icl"], ["compare"], ["variants"]):
+        result = CliRunner().invoke(cli, ["experiment", *command, "--out", str(out)])  # main() prints it as `error: …`
+        message = str(result.exception)
+        assert isinstance(result.exception, UserError) and "\n" not in message, result.output
+        assert f"holds results of a model with weights sha256 {'0' * 12}, but {model_dpath()} has {digest[:12]}" in message
+    assert os.listdir(out) == ["model.json"]
 
 
 def _files(root: str, name: str) -> list[str]:

@@ -54,6 +54,16 @@ def data_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """The toy model's ops are too small to gain from a second thread; on a shared machine two wait on each other."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_image(seed: int, size: int = 32) -> Image.Image:
     """Noise never normalises to all zeros, so Idefics2 never mistakes it for a padding image."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))

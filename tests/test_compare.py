@@ -8,21 +8,9 @@ import re
 import shutil
 import statistics
 
-import pytest
-import torch
-
 METHODS = ("mimic", "mimic+lora", "virtual-kv")
 SIZES = (8, 16)
 STEPS = 4
-
-
-@pytest.fixture
-def one_thread():
-    """The toy model's ops are too small to gain from a second thread; on a shared machine two wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _row(table: str, label: str) -> list[str]:

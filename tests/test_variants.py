@@ -364,3 +364,68 @@ def test_run_all_evaluates_the_method_the_student_trained(pipeline):
     last = out.strip().splitlines()[-1]
     assert "2-shot ICL" in last and "lora-dagger" in last and "MimIC" not in last, last
     assert '"mode": "trained"' in out and '"method": "lora-dagger"' in out
+
+
+# --- the experiment: Tab. 8, 11 and 12 from one store -----------------------------------------------------------------
+
+# name -> (method, shift, mu, w_align) that STUDENTS' overrides must give, written out from seed Tab. 8, 11 and 12
+EXPECTED = {
+    "mimic": ("mimic", "mimic", "query", 1.0), "linear": ("mimic", "linear", "query", 1.0),
+    "vector": ("mimic", "vector", "query", 1.0), "mu_shared": ("mimic", "mimic", "shared", 1.0),
+    "mu_constant": ("mimic", "mimic", "constant", 1.0), "lora": ("lora", "mimic", "query", 0.0),
+    "lora_dagger": ("lora-dagger", "mimic", "query", 0.0), "lora_align": ("lora", "mimic", "query", 1.0),
+    "lora_dagger_align": ("lora-dagger", "mimic", "query", 1.0), "mimic_lora": ("mimic+lora", "mimic", "query", 1.0),
+    "live": ("live", "mimic", "query", 1.0),
+}
+
+
+def test_variants_experiment_fills_its_tables_from_one_store_and_resumes(pipeline, tmp_path, one_thread):
+    """`pipeline experiment variants` on a tiny setting: one teacher store, every student of Tab. 8, 11 and 12 with
+    its own settings, each table cell the number its evaluation or the L2 analysis wrote, and a rerun redoes nothing."""
+    out = tmp_path / "variants"
+    command = ("experiment", "variants", "--out", out, "--set", "task.num_queries=16", "--set", "teacher.shard_size=8",
+               "--set", "eval.num_samples=8", "--set", "student.epochs=1")
+    code, stdout, stderr = pipeline(*command)
+    assert code == 0, stderr[-3000:]
+    assert stdout.count("shards to write") == 1, stdout  # one teacher run, one store
+    assert [d.name for d in out.iterdir() if (d / "manifest.json").is_file()] == ["store-vqav2-8shot"]
+
+    for name, (method, shift, mu, w_align) in EXPECTED.items():
+        student = json.load(open(out / f"student-{name}" / "config.json"))["student"]
+        assert json.load(open(out / f"student-{name}" / "method.json"))["method"] == method, name
+        assert (student["shift"], student["mu"], student["w_align"]) == (shift, mu, w_align), (name, student)
+    mimic_lora = json.load(open(out / "student-mimic_lora" / "config.json"))["student"]
+    assert (mimic_lora["heads_from"], mimic_lora["epochs"]) == (str(out / "student-mimic" / "heads"), 1)
+
+    # Each accuracy is the one its evaluation wrote, found by what that evaluation evaluated.
+    results = json.load(open(out / "results.json"))
+    evaluations = {}
+    for metrics in out.glob("eval-*/metrics.json"):
+        ev = json.load(open(metrics.parent / "config.json"))["eval"]
+        key = ("icl" if ev["mode"] == "icl" else "zero-shot" if ev["mode"] == "zero-shot"
+               else os.path.basename(ev["student"]).removeprefix("student-"))
+        evaluations[key] = json.load(open(metrics))["vqa_accuracy"]
+    assert set(evaluations) == {"zero-shot", "icl", *EXPECTED}
+    assert results["accuracy"] == evaluations
+
+    # Tab. 11's L2 column: the mean over layers of l2.json's row for the run's directory.
+    l2 = json.load(open(out / "l2" / "l2.json"))
+    by_dir = {run: values for label, values in l2["l2_per_layer"].items() if (run := l2["runs"][label])}
+    assert set(by_dir) == {str(out / f"student-{n}") for n in
+                           ("lora_dagger", "lora", "lora_dagger_align", "lora_align", "mimic", "live")}
+    for run, values in by_dir.items():
+        assert results["mean_l2"][os.path.basename(run).removeprefix("student-")] == pytest.approx(
+            sum(values) / len(values))
+
+    table = open(out / "results.md").read()
+    assert f"| with L_align: LoRA | {results['mean_l2']['lora_align']:.2f} | {evaluations['lora_align']:.1f} |" in table
+    assert f"| μ independent of the query | {evaluations['mu_constant']:.1f} |" in table
+    assert f"| MimIC + LoRA (1 epoch on the MimIC heads) | {evaluations['mimic_lora']:.1f} |" in table
+
+    artifacts = {p: p.stat().st_mtime_ns for p in [*out.glob("student-*/**/*.safetensors"),
+                                                   *out.glob("eval-*/metrics.json"), out / "l2" / "l2.json"]}
+    code, stdout, stderr = pipeline(*command)
+    assert code == 0, stderr[-3000:]
+    assert "shards to write" not in stdout  # the store is not even opened: every result is in
+    assert {p: p.stat().st_mtime_ns for p in artifacts} == artifacts
+    assert json.load(open(out / "results.json"))["accuracy"] == evaluations

@@ -294,21 +294,28 @@ def experiment_toy_icl(overrides, family, out_dpath, tasks, num_samples, sweep, 
 @SET
 @click.option("--out", "out_dpath", default="runs/variants", show_default=True, type=click.Path(file_okay=False),
               help="experiment directory (store, students, evaluations, L2 analysis, results).")
+@click.option("--family", type=click.Choice(["lookup", "attribute"]), default=None,
+              help="run on a task of this toy family, with `experiment toy-icl`'s data and settings, instead of the "
+                   "embedded default.")
+@click.option("--task", "task", type=int, default=0, show_default=True, help="which task of --family.")
 @DEBUG
-def experiment_variants(overrides, out_dpath, debug):
+def experiment_variants(overrides, out_dpath, family, task, debug):
     """The seed's Tab. 8, 11 and 12 from one 8-shot store: MimIC's shift and μ ablations, LoRA and LoRA† with and
     without L_align (with their L2 distance to 8-shot ICL), and MimIC + LoRA on top of the MimIC heads.
 
-    On the embedded default unless --set says otherwise. Writes results.md and results.json into --out;
-    rerunning the same command resumes.
+    On the embedded default unless --family or --set says otherwise. Writes results.md and results.json into
+    --out; rerunning the same command resumes.
 
     \b
     Example:
       pipeline experiment variants
+      pipeline experiment variants --family attribute --task 0 --set student.epochs=10   # the README's tables
       pipeline experiment variants --set task.num_queries=64 --set student.epochs=10 --set eval.num_samples=64
     """
     from pipeline import variants
-    results = variants.run(out_dpath, tuple(overrides), log=click.echo)
+    if task and not family:
+        raise UserError("--task picks a task of --family; give --family lookup or attribute with it")
+    results = variants.run(out_dpath, tuple(overrides), log=click.echo, family=family or "", task=task)
     click.echo(variants.markdown(results))
     click.echo(f"wrote {out_dpath}/results.md, results.json ({results['minutes']} min)")
 

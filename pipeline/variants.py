@@ -17,7 +17,7 @@ import os
 
 from pipeline.config import load_config
 from pipeline.defaults import resolve
-from pipeline.experiment import _done, _evaluated, check_model, clocked
+from pipeline.experiment import _done, _evaluated, check_model, checked_family, clocked, task_config
 
 SHOTS = 8
 # name -> overrides. The authors' LoRA config trains on L_gt alone (w_align 0): Tab. 12's LoRA and Tab. 11's
@@ -50,18 +50,22 @@ TABLES = {  # title -> [(row label, student or baseline)]
 L2_RUNS = ("lora_dagger", "lora", "lora_dagger_align", "lora_align", "mimic", "live")
 
 
-def run(out: str, extra: tuple[str, ...], log) -> dict:
+def run(out: str, extra: tuple[str, ...], log, family: str = "", task: int = 0) -> dict:
+    """family "": the embedded default (or what extra sets); else task `task` of that toy family, with the data and
+    settings of `pipeline experiment toy-icl` (its 1,000 training queries, the cover sampler, 64 test queries)."""
     check_model(out, extra)
     with clocked(out) as total:
-        return _run(out, extra, log, total)
+        return _run(out, extra, log, total, family, task)
 
 
-def _run(out: str, extra: tuple[str, ...], log, total) -> dict:
+def _run(out: str, extra: tuple[str, ...], log, total, family: str, task: int) -> dict:
     from stages import analyze, student, teacher
-    base = (f"run_dir={out}", f"teacher.shots={SHOTS}", f"teacher.logits={LOGITS}", *extra)
-
-    def cfg(*overrides):
-        return resolve(load_config(None, [*base, *overrides]))
+    base = (f"teacher.shots={SHOTS}", f"teacher.logits={LOGITS}", *extra, f"run_dir={out}")
+    if family:
+        _, cfg = task_config(out, checked_family(family, [task], 1), task, 64, base)
+    else:
+        def cfg(*overrides):
+            return resolve(load_config(None, [*base, *overrides]))
 
     # Once: teacher.run loads the model before it finds the store complete; lazy, as in experiment._ceiling.
     make_store = functools.cache(lambda: teacher.run(cfg()))
@@ -83,7 +87,7 @@ def _run(out: str, extra: tuple[str, ...], log, total) -> dict:
         if (run := l2["runs"][label]) is not None:
             mean_l2[next(n for n, d in runs.items() if d == run)] = _mean(values)
     metric = next(m for m in ("vqa_accuracy", "cider", "accuracy") if m in accuracy["zero-shot"])
-    results = {"shots": SHOTS, "metric": metric, "accuracy": {k: v[metric] for k, v in accuracy.items()},
+    results = {"shots": SHOTS, "family": family, "task": task if family else None, "metric": metric, "accuracy": {k: v[metric] for k, v in accuracy.items()},
                "mean_l2": mean_l2, "l2_per_layer": l2["l2_per_layer"], "overrides": list(extra),
                "minutes": round(total(), 1)}
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -99,7 +103,9 @@ def _mean(values: list[float]) -> float:
 
 def markdown(results: dict) -> str:
     acc, l2 = results["accuracy"], results["mean_l2"]
-    lines = [f"{results['metric']}: zero-shot {acc['zero-shot']:.1f}, {results['shots']}-shot ICL {acc['icl']:.1f}"]
+    where = f"{results['family']} family, task {results['task']}; " if results.get("family") else ""
+    lines = [f"{where}{results['metric']}: zero-shot {acc['zero-shot']:.1f}, {results['shots']}-shot ICL "
+             f"{acc['icl']:.1f}; {results['minutes']:.0f} min"]
     for title, rows in TABLES.items():
         with_l2 = title.startswith("Tab. 11")
         lines += ["", title, "", "| method | " + ("L2 | " if with_l2 else "") + f"{results['metric']} |",

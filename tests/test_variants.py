@@ -379,14 +379,23 @@ EXPECTED = {
 }
 
 
-def test_variants_experiment_fills_its_tables_from_one_store_and_resumes(pipeline, tmp_path, one_thread):
+@pytest.mark.parametrize("family", [(), ("--family", "attribute", "--task", "1")], ids=["default", "attribute"])
+def test_variants_experiment_fills_its_tables_from_one_store_and_resumes(pipeline, tmp_path, one_thread, family):
     """`pipeline experiment variants` on a tiny setting: one teacher store, every student of Tab. 8, 11 and 12 with
-    its own settings, each table cell the number its evaluation or the L2 analysis wrote, and a rerun redoes nothing."""
+    its own settings, each table cell the number its evaluation or the L2 analysis wrote, and a rerun redoes nothing.
+    With --family, on that family's task with `experiment toy-icl`'s data and sampler."""
     out = tmp_path / "variants"
-    command = ("experiment", "variants", "--out", out, "--set", "task.num_queries=16", "--set", "teacher.shard_size=8",
-               "--set", "eval.num_samples=8", "--set", "student.epochs=1")
+    command = ("experiment", "variants", "--out", out, *family, "--set", "task.num_queries=16",
+               "--set", "teacher.shard_size=8", "--set", "eval.num_samples=8", "--set", "student.epochs=1")
     code, stdout, stderr = pipeline(*command)
     assert code == 0, stderr[-3000:]
+    task = json.load(open(out / "student-mimic" / "config.json"))["task"]
+    if family:  # toy-icl's data of attribute task 1 (size), under --out, and its cover sampler
+        assert task["root"] == str(out / "data" / "attribute1") and task["support"] == "train"
+        assert json.load(open(out / "data" / "attribute1" / "toy_attribute.json"))["task"] == "size"
+        assert json.load(open(out / "student-mimic" / "config.json"))["teacher"]["sampler"] == "cover"
+    else:
+        assert task["root"].endswith("toy-icl-0")
     assert stdout.count("shards to write") == 1, stdout  # one teacher run, one store
     assert [d.name for d in out.iterdir() if (d / "manifest.json").is_file()] == ["store-vqav2-8shot"]
 

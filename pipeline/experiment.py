@@ -187,8 +187,8 @@ def clocked(out: str):
     def total() -> float:
         return seconds() / 60
 
-    def save():
-        _write_json(fpath, {"seconds": round(seconds(), 1)})
+    def save():  # to the millisecond: a resumed run that only reads results back still adds its time
+        _write_json(fpath, {"seconds": round(seconds(), 3)})
 
     def tick():
         while not stop.wait(30):

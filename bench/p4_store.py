@@ -133,6 +133,9 @@ def one_dtype(dtype: str, reps: int, n_items: int, n_shards: int, width: dict | 
             "read_store_mb_s": mbs(r_store), "read_raw_mb_s": mbs(r_raw),
             "write_fraction_of_raw": stats(w_raw)["median"] / stats(w_store)["median"],
             "read_fraction_of_raw": stats(r_raw)["median"] / stats(r_store)["median"],
+            # each pair measured back to back: steadier than the ratio of medians while the disk's speed drifts
+            "write_paired": stats([p / q for p, q in zip(w_raw, w_store)]),
+            "read_paired": stats([p / q for p, q in zip(r_raw, r_store)]),
             "bytes_on_disk": disk[-1], "bytes_per_value": disk[-1] / n_values}
 
 

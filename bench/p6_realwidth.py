@@ -7,8 +7,10 @@ by 1 and by 2 ranks at once (2 ranks = two processes, each a TargetReader with i
   against the same read with O_DIRECT (the disk's rate with almost no CPU: what the disk gives).
 - data wait: the student's own data path (stages.batches.epoch_batches with stages.batches.batch_builder:
   targets read, JPEGs decoded and preprocessed by Idefics2's image processor, micro-batches built and moved
-  to the device) driven by a loop whose compute is a time.sleep of 40 or 100 ms per step (no model runs).
-  Per step: data wait = the step's wall time − the time slept, i.e. everything between two steps that is not
+  to the device) driven by a loop whose compute is a time.sleep of 40 or 100 ms per step (no model runs), for
+  --epochs epochs through one prefetch, as the stage runs them (it goes on into the next epoch while the loop
+  trains on the last batches of this one); each epoch read from the disk (the store evicted as the prefetch
+  reaches it: a store larger than the page cache). Per step: data wait = the step's wall time − the time slept, i.e. everything between two steps that is not
   compute; also the loop's own `data_wait_s` (what losses.jsonl logs), and the CPU time the data path took per
   item (the rank's process time: the loop itself sleeps). Once more at the longest step with the store in the
   page cache ("warm"): the data path's own cost, without the disk.
@@ -17,7 +19,7 @@ Every measurement is cold: before it, the store and plain files are fsynced and 
 (posix_fadvise DONTNEED, as P4; no global drop_caches, which would evict other jobs' files too). The store is
 deleted at the end unless --keep.
 
-    .venv/bin/python -m bench.p6_realwidth [--gb 2.2] [--reps 4] [--keep]
+    .venv/bin/python -m bench.p6_realwidth [--gb 2.2] [--reps 4] [--epochs 3] [--keep]
 """
 from __future__ import annotations
 
@@ -129,8 +131,11 @@ def reader_read(inputs: dict, rank: int, world: int) -> dict:
     return {"bytes": n, "items": items, "s": tm.s}
 
 
-def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str) -> dict:
-    """One epoch of the student's data path at a simulated step of step_s seconds (time.sleep for the compute)."""
+def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, epochs: int, cold: bool) -> dict:
+    """`epochs` epochs of the student's data path at a simulated step of step_s seconds (time.sleep for the
+    compute), through one prefetch as stages/student.py's loop runs them. cold: each epoch after the first starts
+    by evicting the store from the page cache (what a store larger than the page cache gives); warm: the store
+    stays in it."""
     import torch
 
     from pipeline.config import StudentConfig
@@ -146,10 +151,19 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str) -
     by_id = {q: Sample(q, os.path.join(inputs["images"], f"{q}.jpg"), "What is it?", ("a",))
              for q in (f"q{i:05d}" for i in range(inputs["queries"]))}
     build = batch_builder(bench_lm(), by_id, {}, device, keep=s.prefetch + 3)  # as stages/student.py's run
+    if cold:
+        from bench.p4_store import _evict
+        epoch = reader.epoch
+
+        def evicting(e: int, start: int = 0):  # called by the prefetch thread as it goes on into epoch e
+            if e > 0:
+                _evict(os.path.dirname(inputs["store"]))
+            return epoch(e, start)
+        reader.epoch = evicting
     walls, slept, logged = [], [], []
     cpu0 = time.process_time()  # every thread of this rank: the loop sleeps, so this is the data path's CPU
-    with epoch_batches(reader, 0, 0, s, micro, build, device) as batches:
-        for _ in range(len(reader) // s.global_batch):
+    with epoch_batches(reader, 0, 0, s, micro, build, device, until=epochs) as batches:
+        for _ in range(epochs * (len(reader) // s.global_batch)):
             t0, sleep, wait = time.perf_counter(), 0.0, 0.0
             for _ in range(accumulation):  # as stages/student.py's loop, the compute replaced by a sleep
                 mb = next(batches)
@@ -164,7 +178,7 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str) -
             slept.append(sleep)
             logged.append(wait)
     return {"walls": walls, "slept": slept, "logged_wait": logged, "cpu_s": time.process_time() - cpu0,
-            "items": len(walls) * s.global_batch // world}
+            "items": len(walls) * s.global_batch // world, "steps_per_epoch": len(reader) // s.global_batch}
 
 
 JOBS = {"plain": plain_read, "direct": functools.partial(plain_read, direct=True), "reader": reader_read,
@@ -244,6 +258,7 @@ def main():
     ap.add_argument("--reps", type=int, default=4, help="repetitions of each read measurement")
     ap.add_argument("--steps-ms", type=float, nargs="+", default=[40.0, 100.0], help="simulated compute per step")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per data-wait measurement, through one prefetch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--device", default="", help="cpu or cuda; default cuda when available")
     ap.add_argument("--keep", action="store_true", help="keep the store and images (under BENCH_WORK/p6)")
@@ -267,11 +282,12 @@ def main():
             print(f"p6: read at {world} rank(s): {reads[-1]['ratio']:.2f} of the plain read", flush=True)
             for step_ms in args.steps_ms:
                 waits.append(wait_row(world, step_ms, ranks.run("wait", inputs=inputs, step_s=step_ms / 1000,
-                                                                device=device)))
+                                                                device=device, epochs=args.epochs, cold=True)))
                 print(f"p6: {world} rank(s), {step_ms:.0f} ms steps: data wait {waits[-1]['mean_wait_ms']:.1f} ms "
                       f"per step", flush=True)
             # The same with the store in the page cache: the data path's own cost, without the disk.
-            per_rank = ranks.run("wait", warm=True, inputs=inputs, step_s=max(args.steps_ms) / 1000, device=device)
+            per_rank = ranks.run("wait", warm=True, inputs=inputs, step_s=max(args.steps_ms) / 1000, device=device,
+                                 epochs=args.epochs, cold=False)
             waits.append({**wait_row(world, max(args.steps_ms), per_rank), "warm": True})
             ranks.close()
     finally:
@@ -305,7 +321,9 @@ def wait_row(world: int, step_ms: float, per_rank: list[dict]) -> dict:
     steps = list(zip(*[[w - s for w, s in zip(r["walls"], r["slept"])] for r in per_rank]))
     worst = [1000 * max(step) for step in steps]
     logged = [1000 * max(step) for step in zip(*[r["logged_wait"] for r in per_rank])]
+    per_epoch = per_rank[0]["steps_per_epoch"]
     return {"world": world, "step_ms": step_ms, "steps": len(worst), "first_step_ms": worst[0], "warm": False,
+            "steps_per_epoch": per_epoch, "epoch_start_wait_ms": worst[per_epoch::per_epoch],
             "cpu_ms_per_item": 1000 * sum(r["cpu_s"] for r in per_rank) / sum(r["items"] for r in per_rank),
             "wait_ms": stats(worst[1:]), "mean_wait_ms": float(np.mean(worst[1:])), "logged_wait_ms": stats(logged[1:]),
             "wait_fraction": float(np.mean(worst[1:])) / step_ms}  # of the compute: the stricter reading

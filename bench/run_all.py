@@ -35,7 +35,7 @@ FULL = {
     "p4": ["bench.p4_store", "--reps", "5", "--items", "64", "--shards", "2"],
     "p5": ["bench.p5_scaleout", "--reps", "3", "--queries", "48", "--shots", "16", "--matmul-iters", "200"],
     "profile_store": ["bench.profile_store"],
-    "p6": ["bench.p6_realwidth", "--gb", "2.2", "--reps", "4"],
+    "p6": ["bench.p6_realwidth", "--gb", "2.2", "--reps", "4", "--epochs", "3"],
     # trains 6 students (~25 min on 2 idle cores; steps already done in runs/ are reused)
     "p7": ["bench.p7_int8", "--experiment", "runs/toy-attribute"],
 }
@@ -46,7 +46,7 @@ QUICK = {
     "p4": ["bench.p4_store", "--reps", "2", "--items", "32", "--shards", "2"],
     "p5": ["bench.p5_scaleout", "--reps", "1", "--queries", "16", "--shots", "8", "--matmul-iters", "100"],
     "profile_store": ["bench.profile_store"],
-    "p6": ["bench.p6_realwidth", "--gb", "0.2", "--reps", "1"],
+    "p6": ["bench.p6_realwidth", "--gb", "0.2", "--reps", "1", "--epochs", "2"],
 }
 
 
@@ -117,6 +117,11 @@ def _pm(s: dict, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(s['median'] * scale)} ({fmt.format(s['min'] * scale)}–{fmt.format(s['max'] * scale)})"
 
 
+def _paired(row: dict, what: str) -> str:
+    """' (paired median (min–max))' of a P4 row that has its paired ratios (runs before they were recorded have not)."""
+    return f" (paired {_pm(row[what + '_paired'], fmt='{:.2f}')})" if what + "_paired" in row else ""
+
+
 def rows(res: dict) -> list[tuple]:
     """(figure, measured, baseline, ratio, target, met) per target."""
     r, out = res["results"], []
@@ -147,10 +152,10 @@ def rows(res: dict) -> list[tuple]:
             if row.get("layers", LAYERS) != LAYERS:  # the real-width row: shards as real runs write them
                 d = f"{d} at real width ({row['layers']} × {row['d_model']}, {row['shard_mb']:.0f} MB shards)"
             out.append((f"P4 {d} write: store / plain file", f"{row['write_store_mb_s']:.0f} MB/s",
-                        f"{row['write_raw_mb_s']:.0f} MB/s", f"{row['write_fraction_of_raw']:.2f}", "≥ 0.7",
+                        f"{row['write_raw_mb_s']:.0f} MB/s", f"{row['write_fraction_of_raw']:.2f}{_paired(row, 'write')}", "≥ 0.7",
                         row["write_fraction_of_raw"] >= 0.7))
             out.append((f"P4 {d} read (cold): store / plain file", f"{row['read_store_mb_s']:.0f} MB/s",
-                        f"{row['read_raw_mb_s']:.0f} MB/s", f"{row['read_fraction_of_raw']:.2f}", "≥ 0.7",
+                        f"{row['read_raw_mb_s']:.0f} MB/s", f"{row['read_fraction_of_raw']:.2f}{_paired(row, 'read')}", "≥ 0.7",
                         row["read_fraction_of_raw"] >= 0.7))
             half = d in ("float16", "bfloat16")
             out.append((f"P4 {d} bytes on disk per stored value", f"{row['bytes_per_value']:.4f}",
@@ -302,11 +307,16 @@ def render(res: dict) -> str:
                      f"at {p['layers']} × {p['d_model']} ({p['hidden_bytes'] / 1e9:.2f} GB of targets, written through "
                      f"storage.writer in {p['write_s']:.0f} s), one COCO-sized JPEG per query; global batch "
                      f"{p['global_batch']}, micro batch {p['micro_batch']}, {p['threads']} torch thread per rank, device "
-                     f"{p['device']}, student.prefetch and prefetch_mb at their defaults. Data wait = a step's wall time "
+                     f"{p['device']}, student.prefetch and prefetch_mb at their defaults; "
+                     f"{p['waits'][0]['steps'] // p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} epoch(s) of "
+                     f"{p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} steps per measurement through one prefetch, "
+                     "each cold epoch read from the disk. Data wait = a step's wall time "
                      "− the time slept, of the rank that waited most, the first step (the prefetch filling) left out: "
                      + "; ".join(f"{row['world']} rank(s) at {row['step_ms']:.0f} ms{' warm' if row['warm'] else ''}: first "
-                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.0f} ms (the loop's own "
-                                 f"data_wait_s {row['logged_wait_ms']['median']:.0f} ms median), CPU "
+                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.1f} ms (median "
+                                 f"{row['wait_ms']['median']:.1f}; the loop's own data_wait_s {row['logged_wait_ms']['median']:.1f} ms "
+                                 f"median; at the later epochs' first steps "
+                                 f"{', '.join(f'{x:.0f}' for x in row.get('epoch_start_wait_ms', [])) or '—'} ms), CPU "
                                  f"{row['cpu_ms_per_item']:.0f} ms per item" for row in p["waits"])
                      + f". Load: {p['cpus']} CPUs, busy {p['cpu_busy']:.0%} of the time over the run; load average "
                      f"{p['loadavg_during'][0].split()[0]} → {p['loadavg_during'][1].split()[0]}; other processes at the "

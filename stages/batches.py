@@ -156,11 +156,18 @@ class Prefetch:
             return True
 
 
-def epoch_batches(reader, epoch: int, done: int, s, micro: int, build, device) -> Prefetch:
-    """The training loop's micro-batches of `epoch` from its global step `done` on (StudentConfig `s`), built
-    ahead by `build` (batch_builder below) and pinned in memory for an accelerator. The reader yields
-    the rank's items of whole steps only, so every micro-batch is whole."""
-    return Prefetch(reader.epoch(epoch, start=done * s.global_batch), build, micro=micro, reader_state=reader.state_dict,
+def epoch_batches(reader, epoch: int, done: int, s, micro: int, build, device, *, until: int | None = None) -> Prefetch:
+    """The training loop's micro-batches of `epoch` from its global step `done` on, then of every later epoch
+    before `until` (default: `epoch` alone), built ahead by `build` (batch_builder below) and pinned in memory for
+    an accelerator (StudentConfig `s`). Across epochs the prefetch runs on: the next epoch's first batches are
+    built while the loop trains on the last ones of this one, instead of the loop waiting for the pipeline to
+    fill again at each epoch's start (BENCHMARKS.md, P6). The reader yields the rank's items of whole steps only,
+    so every micro-batch is whole and belongs to one epoch."""
+    def items():
+        yield from reader.epoch(epoch, start=done * s.global_batch)
+        for later in range(epoch + 1, until or epoch + 1):
+            yield from reader.epoch(later)
+    return Prefetch(items(), build, micro=micro, reader_state=reader.state_dict,
                     depth=s.prefetch, max_bytes=s.prefetch_mb * 2**20, pin=torch.device(device).type == "cuda")
 
 

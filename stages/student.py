@@ -405,45 +405,45 @@ def run(cfg: "Config") -> str:
     bar = progress(total=total, initial=step, desc="student", unit="step", disable=rank > 0)
     # Buffers: those waiting ready, the one being built, the loop's, and the one it has just let go of.
     build = batch_builder(lm, by_id, answer_starts, engine.device, keep=s.prefetch + 3)
-    while step < total:
-        epoch, done = divmod(step, steps_per_epoch)
-        with epoch_batches(reader, epoch, done, s, micro, build, engine.device) as batches:
-            for _ in range(steps_per_epoch - done):
-                torch.manual_seed(s.seed * 1_000_003 + step)  # LoRA's dropout masks: a resumed run draws the same ones
-                sums = torch.zeros(1 + len(logged), device=engine.device)  # NCCL reduces only accelerator tensors
-                wait_s = 0.0  # data wait: what the loop spent waiting for its micro-batches
-                for _ in range(accumulation):
-                    mb = next(batches)
-                    wait_s += mb.wait_s
-                    inputs, target, span_mask, ce_mask = mb.to(engine.device)
-                    logits, hidden = engine(**inputs)
-                    l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
-                    terms = {"align": l_align, "gt": l_gt}
-                    if "kl" in method.LOSSES:
-                        terms["kl"] = method.kl_loss(logits, mb.items)
-                    loss = sum(weights[name] * terms[name] for name in method.LOSSES)
-                    engine.backward(loss)
-                    engine.step()
-                    sums += torch.stack([loss.detach(), *(terms[name].detach() for name in logged)]).float()
-                step += 1
-                if world > 1:
-                    torch.distributed.all_reduce(sums)
-                record = dict(zip(("loss", *(f"l_{name}" for name in logged)), (sums / (accumulation * world)).tolist()))
-                _stop_if_not_finite(record, parts, step, ckpt_dpath, bar)
-                if log:
-                    log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0],
-                                          "data_wait_s": wait_s}) + "\n")
-                    log.flush()
-                if tb:
-                    for name, value in {**record, "lr": scheduler.get_last_lr()[0]}.items():
-                        tb.add_scalar(f"student/{name}", value, step)
-                # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
-                bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}",
-                                wait=f"{wait_s * 1000:.0f}ms", refresh=False)
-                bar.update(1)
-                if step % s.save_every == 0 or step == total:
-                    _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": mb.reader_state,
-                                                                "training": training}, rank)
+    epoch, done = divmod(step, steps_per_epoch)
+    with epoch_batches(reader, epoch, done, s, micro, build, engine.device, until=epochs) as batches:
+        while step < total:
+            epoch = step // steps_per_epoch
+            torch.manual_seed(s.seed * 1_000_003 + step)  # LoRA's dropout masks: a resumed run draws the same ones
+            sums = torch.zeros(1 + len(logged), device=engine.device)  # NCCL reduces only accelerator tensors
+            wait_s = 0.0  # data wait: what the loop spent waiting for its micro-batches
+            for _ in range(accumulation):
+                mb = next(batches)
+                wait_s += mb.wait_s
+                inputs, target, span_mask, ce_mask = mb.to(engine.device)
+                logits, hidden = engine(**inputs)
+                l_align, l_gt = losses(logits, hidden, target.to(hidden.dtype), span_mask, ce_mask, inputs["input_ids"])
+                terms = {"align": l_align, "gt": l_gt}
+                if "kl" in method.LOSSES:
+                    terms["kl"] = method.kl_loss(logits, mb.items)
+                loss = sum(weights[name] * terms[name] for name in method.LOSSES)
+                engine.backward(loss)
+                engine.step()
+                sums += torch.stack([loss.detach(), *(terms[name].detach() for name in logged)]).float()
+            step += 1
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            record = dict(zip(("loss", *(f"l_{name}" for name in logged)), (sums / (accumulation * world)).tolist()))
+            _stop_if_not_finite(record, parts, step, ckpt_dpath, bar)
+            if log:
+                log.write(json.dumps({"step": step, "epoch": epoch, **record, "lr": scheduler.get_last_lr()[0],
+                                      "data_wait_s": wait_s}) + "\n")
+                log.flush()
+            if tb:
+                for name, value in {**record, "lr": scheduler.get_last_lr()[0]}.items():
+                    tb.add_scalar(f"student/{name}", value, step)
+            # refresh=False: update() draws the bar, postfix included, only as often as stages/progress.py allows
+            bar.set_postfix(l_align=f"{record['l_align']:.4g}", l_gt=f"{record['l_gt']:.3g}",
+                            wait=f"{wait_s * 1000:.0f}ms", refresh=False)
+            bar.update(1)
+            if step % s.save_every == 0 or step == total:
+                _save_checkpoint(engine, ckpt_dpath, step, {"step": step, "reader": mb.reader_state,
+                                                            "training": training}, rank)
     bar.close()
     if tb:
         tb.close()

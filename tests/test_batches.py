@@ -88,6 +88,28 @@ def test_prefetched_batches_equal_the_inline_ones(tiny, world, rank, micro, done
     assert got[-1].reader_state["step"] == 12  # the end of the last whole step, as a checkpoint records it
 
 
+@pytest.mark.parametrize("world, rank, micro", [(1, 0, 2), (2, 1, 1)])
+def test_prefetch_runs_on_across_epochs_with_each_epochs_batches(tiny, world, rank, micro):
+    """until=E: one prefetch gives, in order, exactly what one per epoch gives (epoch 2 resumed after one step,
+    then epochs 3 and 4 whole: the views alternate), each batch with its own epoch's reader position."""
+    lm, url, by_id = tiny
+    s = StudentConfig(global_batch=4, micro_batch=micro, prefetch=2, shuffle_buffer=5)
+    per_rank = 4 // world // micro  # micro-batches of this rank per step; 3 whole steps an epoch
+    want = []
+    for epoch, done in ((2, 1), (3, 0), (4, 0)):
+        fresh = TargetReader(url, seed=5, shuffle_buffer=5, rank=rank, world_size=world, batch=4)
+        want += _inline(lm, by_id, {}, fresh, epoch, 4 * done, micro, (3 - done) * per_rank)
+    reader = TargetReader(url, seed=5, shuffle_buffer=5, rank=rank, world_size=world, batch=4)
+    with epoch_batches(reader, 2, 1, s, micro, batch_builder(lm, by_id, {}), "cpu", until=5) as batches:
+        got = list(batches)
+    assert len(got) == len(want) == 8 * per_rank
+    for n, (mb, (keys, batch, state)) in enumerate(zip(got, want)):
+        assert [(it.sample_id, it.view) for it in mb.items] == keys, n
+        assert _equal(mb.tensors, batch), f"micro-batch {n} differs from its epoch's own"
+        assert mb.reader_state == state, n
+    assert [mb.reader_state["epoch"] for mb in got] == [2] * 2 * per_rank + [3] * 3 * per_rank + [4] * 3 * per_rank
+
+
 def test_what_waits_ready_is_bounded_by_depth_and_by_bytes():
     """At most `depth` micro-batches wait ready, and at most `max_bytes` of them (one always goes through); the
     thread holds one more, built, until there is room for it."""

@@ -9,10 +9,12 @@ by 1 and by 2 ranks at once (2 ranks = two processes, each a TargetReader with i
   targets read, JPEGs decoded and preprocessed by Idefics2's image processor, micro-batches built and moved
   to the device) driven by a loop whose compute is a time.sleep of 40 or 100 ms per step (no model runs), for
   --epochs epochs through one prefetch, as the stage runs them (it goes on into the next epoch while the loop
-  trains on the last batches of this one); each epoch read from the disk (the store evicted as the prefetch
-  reaches it: a store larger than the page cache). Per step: data wait = the step's wall time − the time slept, i.e. everything between two steps that is not
-  compute; also the loop's own `data_wait_s` (what losses.jsonl logs), and the CPU time the data path took per
-  item (the rank's process time: the loop itself sleeps). Once more at the longest step with the store in the
+  trains on the last batches of this one). The run starts cold, so the first epoch reads the disk, and the later
+  ones read what the page cache kept of it: all of this store, as on a node whose memory holds the store (an
+  eviction between epochs, tried, stalls the other rank's reads and measures the eviction). Per step: data
+  wait = the step's wall time − the time slept, i.e. everything between two steps that is not compute; also
+  the loop's own `data_wait_s` (what losses.jsonl logs), and the CPU time the data path took per item (the
+  rank's process time: the loop itself sleeps). Once more at the longest step with the store in the
   page cache ("warm"): the data path's own cost, without the disk.
 
 Every measurement is cold: before it, the store and plain files are fsynced and dropped from the page cache
@@ -131,11 +133,9 @@ def reader_read(inputs: dict, rank: int, world: int) -> dict:
     return {"bytes": n, "items": items, "s": tm.s}
 
 
-def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, epochs: int, cold: bool) -> dict:
+def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, epochs: int) -> dict:
     """`epochs` epochs of the student's data path at a simulated step of step_s seconds (time.sleep for the
-    compute), through one prefetch as stages/student.py's loop runs them. cold: each epoch after the first starts
-    by evicting the store from the page cache (what a store larger than the page cache gives); warm: the store
-    stays in it."""
+    compute), through one prefetch as stages/student.py's loop runs them."""
     import torch
 
     from pipeline.config import StudentConfig
@@ -151,15 +151,6 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, e
     by_id = {q: Sample(q, os.path.join(inputs["images"], f"{q}.jpg"), "What is it?", ("a",))
              for q in (f"q{i:05d}" for i in range(inputs["queries"]))}
     build = batch_builder(bench_lm(), by_id, {}, device, keep=s.prefetch + 3)  # as stages/student.py's run
-    if cold:
-        from bench.p4_store import _evict
-        epoch = reader.epoch
-
-        def evicting(e: int, start: int = 0):  # called by the prefetch thread as it goes on into epoch e
-            if e > 0:
-                _evict(os.path.dirname(inputs["store"]))
-            return epoch(e, start)
-        reader.epoch = evicting
     walls, slept, logged = [], [], []
     cpu0 = time.process_time()  # every thread of this rank: the loop sleeps, so this is the data path's CPU
     with epoch_batches(reader, 0, 0, s, micro, build, device, until=epochs) as batches:
@@ -282,12 +273,12 @@ def main():
             print(f"p6: read at {world} rank(s): {reads[-1]['ratio']:.2f} of the plain read", flush=True)
             for step_ms in args.steps_ms:
                 waits.append(wait_row(world, step_ms, ranks.run("wait", inputs=inputs, step_s=step_ms / 1000,
-                                                                device=device, epochs=args.epochs, cold=True)))
+                                                                device=device, epochs=args.epochs)))
                 print(f"p6: {world} rank(s), {step_ms:.0f} ms steps: data wait {waits[-1]['mean_wait_ms']:.1f} ms "
                       f"per step", flush=True)
             # The same with the store in the page cache: the data path's own cost, without the disk.
             per_rank = ranks.run("wait", warm=True, inputs=inputs, step_s=max(args.steps_ms) / 1000, device=device,
-                                 epochs=args.epochs, cold=False)
+                                 epochs=args.epochs)
             waits.append({**wait_row(world, max(args.steps_ms), per_rank), "warm": True})
             ranks.close()
     finally:
@@ -324,6 +315,7 @@ def wait_row(world: int, step_ms: float, per_rank: list[dict]) -> dict:
     per_epoch = per_rank[0]["steps_per_epoch"]
     return {"world": world, "step_ms": step_ms, "steps": len(worst), "first_step_ms": worst[0], "warm": False,
             "steps_per_epoch": per_epoch, "epoch_start_wait_ms": worst[per_epoch::per_epoch],
+            "first_epoch_mean_wait_ms": float(np.mean(worst[1:per_epoch])),  # the one read from the disk
             "cpu_ms_per_item": 1000 * sum(r["cpu_s"] for r in per_rank) / sum(r["items"] for r in per_rank),
             "wait_ms": stats(worst[1:]), "mean_wait_ms": float(np.mean(worst[1:])), "logged_wait_ms": stats(logged[1:]),
             "wait_fraction": float(np.mean(worst[1:])) / step_ms}  # of the compute: the stricter reading

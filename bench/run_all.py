@@ -122,6 +122,12 @@ def _paired(row: dict, what: str) -> str:
     return f" (paired {_pm(row[what + '_paired'], fmt='{:.2f}')})" if what + "_paired" in row else ""
 
 
+def _later_epochs(row: dict) -> str:
+    """P6: the mean data wait (ms) over the steps of every epoch after the first, '—' for a one-epoch run."""
+    later = row["wait_ms"]["values"][row.get("steps_per_epoch", row["steps"]) - 1:]  # values leave out step 0
+    return f"{statistics.mean(later):.1f}" if later else "—"
+
+
 def rows(res: dict) -> list[tuple]:
     """(figure, measured, baseline, ratio, target, met) per target."""
     r, out = res["results"], []
@@ -310,10 +316,12 @@ def render(res: dict) -> str:
                      f"{p['device']}, student.prefetch and prefetch_mb at their defaults; "
                      f"{p['waits'][0]['steps'] // p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} epoch(s) of "
                      f"{p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} steps per measurement through one prefetch, "
-                     "each cold epoch read from the disk. Data wait = a step's wall time "
+                     "the first epoch read from the disk, the later ones from the page cache. Data wait = a step's wall time "
                      "− the time slept, of the rank that waited most, the first step (the prefetch filling) left out: "
                      + "; ".join(f"{row['world']} rank(s) at {row['step_ms']:.0f} ms{' warm' if row['warm'] else ''}: first "
-                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.1f} ms (median "
+                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.1f} ms (first epoch "
+                                 f"{row.get('first_epoch_mean_wait_ms', row['mean_wait_ms']):.1f}, later epochs "
+                                 f"{_later_epochs(row)}; median "
                                  f"{row['wait_ms']['median']:.1f}; the loop's own data_wait_s {row['logged_wait_ms']['median']:.1f} ms "
                                  f"median; at the later epochs' first steps "
                                  f"{', '.join(f'{x:.0f}' for x in row.get('epoch_start_wait_ms', [])) or '—'} ms), CPU "

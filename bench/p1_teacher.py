@@ -80,10 +80,11 @@ def main():
                 items, skipped = [], {}
                 for b in shard_batches:
                     batch, icd_ids = list(b.jobs), list(b.icd_ids)
-                    targets = _capture(lm, engine, capture, b.prompts, [q.id for q, _ in batch], t, max_len, skipped)
+                    targets = _capture(lm, engine, capture, b.prompts, [q.id for q, _ in batch], t, max_len, skipped,
+                                       None)  # teacher.logits off
                     batch, icd_ids, targets = _rows(targets, batch, icd_ids, targets)
                     items += [Item(q.id, v, span_ids, hidden_tld, tuple(ids), keep)
-                              for (q, v), ids, (span_ids, hidden_tld, keep) in zip(batch, icd_ids, targets)]
+                              for (q, v), ids, (span_ids, hidden_tld, keep, _) in zip(batch, icd_ids, targets)]
                 items = [it for it in items if it.sample_id not in skipped]
                 if pending is not None:
                     with Timer() as w:

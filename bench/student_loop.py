@@ -1,4 +1,4 @@
-"""The student's step, copied from stages/student.py::run with the same project functions, fed three ways:
+"""The student's step, as stages/student.py::run takes it with the same project functions, fed three ways:
 targets streamed from the store (TargetReader, as the stage), targets already in RAM (P2's baseline), and
 targets computed online by a k-shot teacher forward without grad inside every step (the authors' design, P3).
 
@@ -32,12 +32,11 @@ class Setup:
 
 
 def setup(cfg, with_reader: bool = True) -> Setup:
-    """stages/student.py::run up to its loop: model, reader, heads, Student, AdamW, deepspeed.initialize."""
-    import deepspeed
-
+    """stages/student.py::run up to its loop, through the stage's own helpers: model, reader, the method's parts,
+    the Student module, AdamW and deepspeed.initialize."""
+    from stages.methods import METHODS
     from stages.models import load_model
-    from stages.models.heads import attach, build_heads
-    from stages.student import Student, _init_distributed, _schedule, batch_split, ds_config
+    from stages.student import _init_distributed, _setup_model, _setup_optimizer, batch_split
     from stages.tasks import get_task
     from stages.tasks.pools import support_set, training_queries
     from storage.reader import TargetReader
@@ -48,18 +47,15 @@ def setup(cfg, with_reader: bool = True) -> Setup:
     by_id = {x.id: x for x in support} | {q.id: q for q in queries}
     lm = load_model(cfg.model.path, cfg.model.family, cfg.model.dtype)
     reader = TargetReader(cfg.teacher.store, seed=s.seed, shuffle_buffer=s.shuffle_buffer) if with_reader else None
-    _init_distributed(1)
-    torch.manual_seed(s.seed)
-    dims = lm.dims
-    heads = build_heads(dims.n_layers, dims.n_heads, dims.head_dim, masked_log_z2=s.log_z2 == "masked")
-    attach(lm, heads)
-    model = Student(lm.model, heads, lm.adapter.decoder_layers(lm.model), cfg.teacher.capture)
+    _init_distributed(0, 1)
+    method = METHODS[s.method]
+    parts, model = _setup_model(cfg, lm, method)
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, 1)
     assert accumulation == 1, "the bench runs one micro batch per step"
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(heads.parameters()), optimizer=optimizer,
-                                      lr_scheduler=_schedule(optimizer, 1000, s.warmup_ratio),
-                                      config=ds_config(s, micro, accumulation, cfg.model.dtype))
+    n_head_params = sum(sum(p.numel() for p in part.parameters() if p.requires_grad)
+                        for part in parts.values() if part is not lm.model)
+    engine, _ = _setup_optimizer(cfg, model, method.param_groups(parts, s), 1000, micro, accumulation, n_head_params)
+    heads = next(part for part in parts.values() if part is not lm.model)
     return Setup(cfg, lm, heads, engine, by_id, queries, [x.id for x in support], task, reader)
 
 

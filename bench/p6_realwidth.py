@@ -133,8 +133,7 @@ def reader_read(inputs: dict, rank: int, world: int) -> dict:
     return {"bytes": n, "items": items, "s": tm.s}
 
 
-def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, epochs: int,
-              reader_prefetch: int = 16) -> dict:
+def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, epochs: int) -> dict:
     """`epochs` epochs of the student's data path at a simulated step of step_s seconds (time.sleep for the
     compute), through one prefetch as stages/student.py's loop runs them."""
     import torch
@@ -148,7 +147,7 @@ def data_wait(inputs: dict, rank: int, world: int, step_s: float, device: str, e
     s = StudentConfig(global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
     micro, accumulation = batch_split(s.global_batch, s.micro_batch, world)
     reader = TargetReader(inputs["store"], seed=s.seed, shuffle_buffer=s.shuffle_buffer, rank=rank, world_size=world,
-                          batch=s.global_batch, prefetch=reader_prefetch)
+                          batch=s.global_batch)
     by_id = {q: Sample(q, os.path.join(inputs["images"], f"{q}.jpg"), "What is it?", ("a",))
              for q in (f"q{i:05d}" for i in range(inputs["queries"]))}
     build = batch_builder(bench_lm(), by_id, {}, device, keep=s.prefetch + 3)  # as stages/student.py's run

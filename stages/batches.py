@@ -163,10 +163,9 @@ def epoch_batches(reader, epoch: int, done: int, s, micro: int, build, device, *
     built while the loop trains on the last ones of this one, instead of the loop waiting for the pipeline to
     fill again at each epoch's start (BENCHMARKS.md, P6). The reader yields the rank's items of whole steps only,
     so every micro-batch is whole and belongs to one epoch."""
-    def items():
-        yield from reader.epoch(epoch, start=done * s.global_batch)
-        for later in range(epoch + 1, until or epoch + 1):
-            yield from reader.epoch(later)
+    def items():  # none when epoch = until: a resumed run whose last step is done
+        for e in range(epoch, epoch + 1 if until is None else until):
+            yield from reader.epoch(e, start=done * s.global_batch if e == epoch else 0)
     return Prefetch(items(), build, micro=micro, reader_state=reader.state_dict,
                     depth=s.prefetch, max_bytes=s.prefetch_mb * 2**20, pin=torch.device(device).type == "cuda")
 

@@ -108,6 +108,10 @@ def test_prefetch_runs_on_across_epochs_with_each_epochs_batches(tiny, world, ra
         assert _equal(mb.tensors, batch), f"micro-batch {n} differs from its epoch's own"
         assert mb.reader_state == state, n
     assert [mb.reader_state["epoch"] for mb in got] == [2] * 2 * per_rank + [3] * 3 * per_rank + [4] * 3 * per_rank
+    # A run resumed after its last step (epoch = until) gets no batch, and its reader starts no epoch.
+    reader.epoch = lambda *a, **k: pytest.fail("a finished run read an epoch")
+    with epoch_batches(reader, 5, 0, s, micro, batch_builder(lm, by_id, {}), "cpu", until=5) as batches:
+        assert list(batches) == []
 
 
 def test_what_waits_ready_is_bounded_by_depth_and_by_bytes():

@@ -11,7 +11,8 @@ The demonstrations are those the teacher drew from the whole training split (tas
 Every step is a stage's own `run(cfg)` and one whose output is complete with the same config is not redone
 (experiment.py's rule), so a killed comparison resumes. The student's and the teacher's wall seconds are timed
 around their `run` and kept beside what they made (wall.json in the student's directory, teacher.json in the
-task's), so a resumed comparison reports them too. Writes results.json, results.md and accuracy_vs_n.png.
+task's), so a resumed comparison reports them too; a teacher run that only finds its store complete is no
+teacher's time and is not recorded. Writes results.json, results.md and accuracy_vs_n.png.
 
 Which methods need the teacher follows from what they train on (reads_teacher): L_align at a weight above 0, or
 LIVE's KL. With the weights below, MimIC, MSE only, LIVE and MimIC + LoRA (joint, w_align 1 by default) need it;
@@ -82,21 +83,29 @@ def trainable_parameters(student_dpath: str) -> int:
     return total
 
 
-def _teacher_seconds(cfg, fpath: str, run: bool) -> float:
+def _teacher_seconds(cfg, fpath: str, run: bool) -> float | None:
     """The teacher's wall seconds for cfg's store: those of the run that completed it, timed here, or read back from
     fpath, which keeps them with the config they were timed under. With run, the store is made if it is not complete
-    (a no-op if it is); without, only where no time is recorded (see experiment._ceiling on why stores are lazy)."""
+    (a no-op if it is); without, only where no time is recorded (see experiment._ceiling on why stores are lazy).
+    None where the store was complete before any recorded run (e.g. an experiment directory moved, so the recorded
+    config's paths differ): a run that finds the store complete times only its check, which is no teacher's time."""
     from stages import teacher
+    from storage.errors import StoreError
+    from storage.inspection import info
     recorded = json.load(open(fpath)) if os.path.isfile(fpath) else None
     if recorded is not None and not same_config(recorded["config"], cfg):
         recorded = None
     if run or recorded is None:
+        try:
+            complete = info(cfg.teacher.store)["complete"]
+        except StoreError:  # no store yet
+            complete = False
         t0 = time.monotonic()
         teacher.run(cfg)
-        if recorded is None:
+        if recorded is None and not complete:
             recorded = {"config": cfg.to_dict(), "seconds": round(time.monotonic() - t0, 2)}
             _write_json(fpath, recorded)
-    return recorded["seconds"]
+    return recorded["seconds"] if recorded is not None else None
 
 
 def _student_seconds(cfg, make_store) -> float | None:
@@ -149,7 +158,9 @@ def summarise(per_task: dict[int, dict], methods: tuple[str, ...], sizes: tuple[
     """Over tasks: accuracy's mean and standard error per method and N; the student's seconds per run (every N: the
     same steps) and the teacher's per store; each method's trainable parameters (the same on every task and N)."""
     rows = list(per_task.values())
-    summary = {name: stats(r[name] for r in rows) for name in ("zero_shot", "icl", "teacher_s")}
+    summary = {name: stats(r[name] for r in rows) for name in ("zero_shot", "icl")}
+    known = [r["teacher_s"] for r in rows if r["teacher_s"] is not None]  # see _teacher_seconds on None
+    summary["teacher_s"] = stats(known) if known else None
     for method in methods:
         runs = [r["runs"][method][n] for r in rows for n in sizes]
         summary[method] = {"accuracy": {n: stats(r["runs"][method][n]["accuracy"] for r in rows) for n in sizes},
@@ -162,7 +173,7 @@ def table(results: dict) -> str:
     summary, sizes, methods = results["summary"], results["sizes"], results["methods"]
     n_tasks, steps = len(results["tasks"]), sorted({run["steps"] for r in results["per_task"].values()
                                                     for by_n in r["runs"].values() for run in by_n.values()})
-    teacher_s = f"{summary['teacher_s']['mean']:.0f}"
+    teacher_s = f"{summary['teacher_s']['mean']:.0f}" if summary["teacher_s"] else "—"
     lines = [f"VQA accuracy on the {results['family']} family: mean ± standard error over {n_tasks} tasks, "
              f"{results['num_samples']} test queries each. One {SHOTS}-shot teacher store per task "
              f"({results['n_train']} training queries, teacher.logits={LOGITS}); each student trains on its first N "
@@ -185,7 +196,8 @@ def table(results: dict) -> str:
               "and answers, so it pays the student's time alone. ICL pays no training, but k demonstrations in every "
               "prompt. MimIC + LoRA trains both jointly from fresh heads. Times are wall seconds on this machine, "
               "means over the tasks (and sizes); the teacher's per store "
-              f"{_fmt(summary['teacher_s'])} s."]
+              + (f"{_fmt(summary['teacher_s'])} s." if summary["teacher_s"] else
+                 "not known (every store was complete before a timed teacher run).")]
     return "\n".join(lines) + "\n"
 
 

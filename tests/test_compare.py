@@ -101,3 +101,33 @@ def test_compare_runs_every_method_and_size_from_one_store_and_resumes(pipeline,
     assert _artifact_mtimes(str(task)) == before and not os.path.exists(task / "store-vqav2-8shot")
     assert json.load(open(out / "results.json"))["per_task"] == results["per_task"]
     assert json.load(open(out / "wall.json"))["seconds"] > first_seconds  # the three runs' time, summed
+
+
+def test_teacher_time_is_recorded_only_from_a_run_that_made_the_store(tmp_path, monkeypatch):
+    """A teacher run that finds its store complete times only its check: that is recorded nowhere and reported as
+    unknown (None); a run that builds the store is timed and recorded, and read back while the config is the same."""
+    from pipeline.compare import _teacher_seconds
+    from pipeline.config import load_config
+    from stages import teacher
+    from tests.test_storage import make_manifest, write_store
+
+    calls = []
+    def fake_run(cfg):  # the teacher: builds the store when it is not there; 1.5 s either way
+        calls.append(cfg.teacher.store)
+        if not os.path.isdir(cfg.teacher.store):
+            write_store(cfg.teacher.store, make_manifest())
+        clock[0] += 1.5
+    clock = [100.0]
+    monkeypatch.setattr(teacher, "run", fake_run)
+    monkeypatch.setattr("pipeline.compare.time.monotonic", lambda: clock[0])
+    fpath = str(tmp_path / "teacher.json")
+
+    cfg = load_config(None, [f"teacher.store={tmp_path / 'store'}"])
+    assert _teacher_seconds(cfg, fpath, run=True) == 1.5  # built here: timed and recorded
+    assert json.load(open(fpath))["seconds"] == 1.5
+    assert _teacher_seconds(cfg, fpath, run=False) == 1.5 and len(calls) == 1  # read back, no run
+
+    # The same complete store under another config (a moved directory changes its paths): the run only checks it.
+    moved = load_config(None, [f"teacher.store={tmp_path / 'store'}", f"student.out={tmp_path / 'elsewhere'}"])
+    assert _teacher_seconds(moved, fpath, run=True) is None and len(calls) == 2
+    assert json.load(open(fpath))["config"] == cfg.to_dict()  # the record of the run that built it, kept

@@ -90,22 +90,27 @@ def _teacher_seconds(cfg, fpath: str, run: bool) -> float | None:
     None where the store was complete before any recorded run (e.g. an experiment directory moved, so the recorded
     config's paths differ): a run that finds the store complete times only its check, which is no teacher's time."""
     from stages import teacher
-    from storage.errors import StoreError
-    from storage.inspection import info
     recorded = json.load(open(fpath)) if os.path.isfile(fpath) else None
     if recorded is not None and not same_config(recorded["config"], cfg):
         recorded = None
     if run or recorded is None:
-        try:
-            complete = info(cfg.teacher.store)["complete"]
-        except StoreError:  # no store yet
-            complete = False
+        timed = recorded is None and not _complete(cfg.teacher.store)  # a run that will write shards
         t0 = time.monotonic()
         teacher.run(cfg)
-        if recorded is None and not complete:
+        if timed:
             recorded = {"config": cfg.to_dict(), "seconds": round(time.monotonic() - t0, 2)}
             _write_json(fpath, recorded)
     return recorded["seconds"] if recorded is not None else None
+
+
+def _complete(url: str) -> bool:
+    """Whether a complete store is at url (no store there: False)."""
+    from storage.errors import StoreError
+    from storage.inspection import info
+    try:
+        return info(url)["complete"]
+    except StoreError:
+        return False
 
 
 def _student_seconds(cfg, make_store) -> float | None:

@@ -315,7 +315,6 @@ def wait_row(world: int, step_ms: float, per_rank: list[dict]) -> dict:
     per_epoch = per_rank[0]["steps_per_epoch"]
     return {"world": world, "step_ms": step_ms, "steps": len(worst), "first_step_ms": worst[0], "warm": False,
             "steps_per_epoch": per_epoch, "epoch_start_wait_ms": worst[per_epoch::per_epoch],
-            "first_epoch_mean_wait_ms": float(np.mean(worst[1:per_epoch])),  # the one read from the disk
             "cpu_ms_per_item": 1000 * sum(r["cpu_s"] for r in per_rank) / sum(r["items"] for r in per_rank),
             "wait_ms": stats(worst[1:]), "mean_wait_ms": float(np.mean(worst[1:])), "logged_wait_ms": stats(logged[1:]),
             "wait_fraction": float(np.mean(worst[1:])) / step_ms}  # of the compute: the stricter reading

@@ -118,14 +118,15 @@ def _pm(s: dict, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
 
 
 def _paired(row: dict, what: str) -> str:
-    """' (paired median (min–max))' of a P4 row that has its paired ratios (runs before they were recorded have not)."""
-    return f" (paired {_pm(row[what + '_paired'], fmt='{:.2f}')})" if what + "_paired" in row else ""
+    """' (paired median (min–max))' of a P4 row."""
+    return f" (paired {_pm(row[what + '_paired'], fmt='{:.2f}')})"
 
 
-def _later_epochs(row: dict) -> str:
-    """P6: the mean data wait (ms) over the steps of every epoch after the first, '—' for a one-epoch run."""
-    later = row["wait_ms"]["values"][row.get("steps_per_epoch", row["steps"]) - 1:]  # values leave out step 0
-    return f"{statistics.mean(later):.1f}" if later else "—"
+def _epoch_waits(row: dict) -> str:
+    """P6: the mean data wait (ms) over the first epoch (read from the disk) and over the later ones."""
+    values, k = row["wait_ms"]["values"], row["steps_per_epoch"]  # values leave out step 0
+    later = f"{statistics.mean(values[k - 1:]):.1f}" if values[k - 1:] else "—"
+    return f"first epoch {statistics.mean(values[:k - 1]):.1f}, later epochs {later}"
 
 
 def rows(res: dict) -> list[tuple]:
@@ -314,17 +315,15 @@ def render(res: dict) -> str:
                      f"storage.writer in {p['write_s']:.0f} s), one COCO-sized JPEG per query; global batch "
                      f"{p['global_batch']}, micro batch {p['micro_batch']}, {p['threads']} torch thread per rank, device "
                      f"{p['device']}, student.prefetch and prefetch_mb at their defaults; "
-                     f"{p['waits'][0]['steps'] // p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} epoch(s) of "
-                     f"{p['waits'][0].get('steps_per_epoch', p['waits'][0]['steps'])} steps per measurement through one prefetch, "
+                     f"{p['waits'][0]['steps'] // p['waits'][0]['steps_per_epoch']} epoch(s) of "
+                     f"{p['waits'][0]['steps_per_epoch']} steps per measurement through one prefetch, "
                      "the first epoch read from the disk, the later ones from the page cache. Data wait = a step's wall time "
                      "− the time slept, of the rank that waited most, the first step (the prefetch filling) left out: "
                      + "; ".join(f"{row['world']} rank(s) at {row['step_ms']:.0f} ms{' warm' if row['warm'] else ''}: first "
-                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.1f} ms (first epoch "
-                                 f"{row.get('first_epoch_mean_wait_ms', row['mean_wait_ms']):.1f}, later epochs "
-                                 f"{_later_epochs(row)}; median "
+                                 f"step {row['first_step_ms']:.0f} ms, then {row['mean_wait_ms']:.1f} ms ({_epoch_waits(row)}; median "
                                  f"{row['wait_ms']['median']:.1f}; the loop's own data_wait_s {row['logged_wait_ms']['median']:.1f} ms "
                                  f"median; at the later epochs' first steps "
-                                 f"{', '.join(f'{x:.0f}' for x in row.get('epoch_start_wait_ms', [])) or '—'} ms), CPU "
+                                 f"{', '.join(f'{x:.0f}' for x in row['epoch_start_wait_ms']) or '—'} ms), CPU "
                                  f"{row['cpu_ms_per_item']:.0f} ms per item" for row in p["waits"])
                      + f". Load: {p['cpus']} CPUs, busy {p['cpu_busy']:.0%} of the time over the run; load average "
                      f"{p['loadavg_during'][0].split()[0]} → {p['loadavg_during'][1].split()[0]}; other processes at the "
